@@ -1,0 +1,108 @@
+"""What the methods share: logits over views x prompts x classes, entropies, confident views, one tuning step."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .text import PromptTextEncoder
+
+
+@dataclass
+class TuningConfig:
+    """The test-time optimisation of TPT and its successors; the `tuning:` block of params.yaml."""
+
+    lr: float = 5e-3  # 5e-3 for the ImageNet family, 3e-3 for the fine-grained sets
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    steps: int = 1
+    confident_ratio: float = 0.1  # keep round_down(ratio * n_views) lowest-entropy views
+    amp: bool = True  # autocast + gradient scaling, on GPU only
+    grad_scale_init: float = 1000.0
+
+
+def view_logits(view_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Logits [V, P, C] from image features [V, E] and text features [P, C, E]."""
+    return scale * torch.einsum("ve,pce->vpc", view_features.to(text_features.dtype), text_features)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax along the last axis."""
+    logits = logits.float()
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def n_confident(n_views: int, ratio: float) -> int:
+    """round_down(ratio * n_views), at least one view."""
+    return max(1, math.floor(ratio * n_views + 1e-9))
+
+
+def confident_view_indices(logits: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Views with the lowest entropy, the entropy averaged over prompts; logits [V, P, C]."""
+    per_view = entropy(logits).mean(-1)
+    return torch.argsort(per_view, stable=True)[: n_confident(logits.shape[0], ratio)]
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the entropy of the softmax averaged over views; logits [V, P, C] -> [P]."""
+    log_probs = logits.float().log_softmax(-1)
+    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(logits.shape[0])
+    return -(log_mean.exp() * log_mean).sum(-1)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """fp16 autocast on GPU when asked; a no-op context elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+
+
+def make_grad_scaler(device: torch.device, config: TuningConfig) -> torch.amp.GradScaler:
+    """One scaler per method instance, carried across samples as TPT's code does."""
+    enabled = config.amp and device.type == "cuda"
+    return torch.amp.GradScaler(device.type, enabled=enabled, init_scale=config.grad_scale_init)
+
+
+def tune_contexts(
+    text: PromptTextEncoder,
+    contexts: torch.Tensor,
+    view_features: torch.Tensor,
+    config: TuningConfig,
+    scaler: torch.amp.GradScaler,
+    mentions: list[int] | None = None,
+) -> torch.Tensor:
+    """`config.steps` AdamW steps on the mean marginal entropy of the confident views; fresh optimiser state.
+
+    `contexts` [U, n_ctx, width] are the distinct prompts being tuned; `mentions` lists them as the loss sees
+    them (a prompt named twice counts twice), defaulting to each once.
+    """
+    params = contexts.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [params], lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
+    scale = text.logit_scale()
+    for _ in range(config.steps):
+        with autocast(view_features.device, config.amp):
+            features = text.encode(params)
+            if mentions is not None:
+                features = features[mentions]
+            logits = view_logits(view_features, features, scale)
+            keep = confident_view_indices(logits.detach(), config.confident_ratio)
+            loss = marginal_entropy(logits[keep]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return params.detach()
+
+
+@torch.no_grad()
+def encode_for_prediction(text: PromptTextEncoder, contexts: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Text features [P, C, E] of tuned contexts, without grad, in fp32."""
+    with autocast(contexts.device, amp):
+        return text.encode(contexts).float()
+
+
+def original_view_logits(view_features: torch.Tensor, text_features: torch.Tensor, scale) -> torch.Tensor:
+    """Logits [C] of the original view (row 0), averaged over the prompts of `text_features` [P, C, E]."""
+    return view_logits(view_features[:1], text_features, scale)[0].mean(0)

@@ -1,0 +1,42 @@
+"""Orderings: a named rule mapping a dataset's manifest to the sequence of sample ids a method sees."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def natural(manifest: pd.DataFrame) -> list[str]:
+    """The manifest's own order."""
+    return manifest["sample_id"].tolist()
+
+
+def shuffle(manifest: pd.DataFrame, seed: int = 0) -> list[str]:
+    """A uniformly random permutation, fixed by `seed`."""
+    order = np.random.default_rng(seed).permutation(len(manifest))
+    return manifest["sample_id"].iloc[order].tolist()
+
+
+def class_blocked(manifest: pd.DataFrame, seed: int = 0) -> list[str]:
+    """All samples of a class together; class order and order within a class drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    labels = manifest["label"].to_numpy()
+    stream = []
+    for label in rng.permutation(np.unique(labels)):
+        members = manifest["sample_id"].to_numpy()[labels == label]
+        stream.extend(members[rng.permutation(len(members))].tolist())
+    return stream
+
+
+ORDERING_KINDS = {"natural": natural, "shuffle": shuffle, "class_blocked": class_blocked}
+
+
+def order_samples(manifest: pd.DataFrame, spec: dict) -> list[str]:
+    """Apply an ordering given as data, e.g. {kind: shuffle, seed: 1}."""
+    options = dict(spec)
+    kind = options.pop("kind", None)
+    if kind not in ORDERING_KINDS:
+        raise ValueError(f"ordering kind {kind!r} is not one of {sorted(ORDERING_KINDS)}")
+    try:
+        return ORDERING_KINDS[kind](manifest, **options)
+    except TypeError as error:
+        raise ValueError(f"ordering {spec!r}: {error}") from error

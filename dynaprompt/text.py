@@ -1,0 +1,103 @@
+"""Learnable CoOp-style contexts on CLIP's text side, encoded for every prompt x class in one pass."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding CLIP's text transformer (CLIP keeps it flat, CustomTextCLIP under `.text`)."""
+    tower = getattr(model, "text", model)
+    for part in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+        if not hasattr(tower, part):
+            raise TypeError(f"{type(model).__name__} has no CLIP-style text transformer (missing {part!r})")
+    if getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax")) != "argmax":
+        raise TypeError("only text towers pooled at the end-of-text token (pool_type 'argmax') are supported")
+    return tower
+
+
+def end_of_text_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """Index of the end-of-text token per row: CLIP's EOT has the highest id in the vocabulary."""
+    return tokens.argmax(dim=-1)
+
+
+def truncate_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Cut every row right after the last end-of-text token; the causal mask makes the rest dead weight."""
+    return tokens[:, : int(end_of_text_positions(tokens).max()) + 1]
+
+
+class PromptTextEncoder:
+    """Text features of `{ctx} {classname}.` for any stack of contexts, all prompts x classes at once."""
+
+    def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a", truncate=True, init_seed=0):
+        self.model = model
+        self.tower = text_tower(model)
+        self.classnames = [name.replace("_", " ") for name in classnames]
+        self.n_ctx = n_ctx
+        device = self.tower.token_embedding.weight.device
+        placeholder = ctx_init if ctx_init else " ".join(["X"] * n_ctx)
+        tokens = tokenizer([f"{placeholder} {name}." for name in self.classnames]).to(device)
+        self.truncate = truncate
+        self.tokens = truncate_tokens(tokens) if truncate else tokens
+        self.eot = end_of_text_positions(self.tokens)
+        with torch.no_grad():
+            embedded = self.tower.token_embedding(self.tokens)
+        self.prefix = embedded[:, :1]  # start-of-text
+        self.suffix = embedded[:, 1 + n_ctx :]  # class name, full stop, end-of-text, padding
+        self.init_context = self._initial_context(tokenizer, ctx_init, embedded, init_seed)
+
+    def _initial_context(self, tokenizer, ctx_init, embedded, init_seed) -> torch.Tensor:
+        """v0: the embeddings of `ctx_init`, or CoOp's N(0, 0.02) draw when no words are given."""
+        if not ctx_init:
+            generator = torch.Generator().manual_seed(init_seed)
+            draw = torch.randn(self.n_ctx, embedded.shape[-1], generator=generator) * 0.02
+            return draw.to(embedded)
+        n_words = int(end_of_text_positions(tokenizer([ctx_init]))[0]) - 1
+        if n_words != self.n_ctx:
+            raise ValueError(f"prompt.ctx_init {ctx_init!r} is {n_words} tokens but prompt.n_ctx is {self.n_ctx}")
+        return embedded[0, 1 : 1 + self.n_ctx].clone()
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def sequence_length(self) -> int:
+        return self.tokens.shape[1]
+
+    def encode(self, contexts: torch.Tensor) -> torch.Tensor:
+        """Unit-norm text features [P, C, E] for contexts [P, n_ctx, width], in one batched pass."""
+        n_prompts, n_classes = contexts.shape[0], self.n_classes
+        length = self.sequence_length
+        context_per_class = contexts.unsqueeze(1).expand(-1, n_classes, -1, -1)
+        sequences = torch.cat(
+            [
+                self.prefix.expand(n_prompts, -1, -1, -1),
+                context_per_class.to(self.prefix.dtype),
+                self.suffix.expand(n_prompts, -1, -1, -1),
+            ],
+            dim=2,
+        ).reshape(n_prompts * n_classes, length, -1)
+        tower = self.tower
+        x = sequences + tower.positional_embedding[:length]
+        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+        x = tower.transformer(x, attn_mask=mask)
+        x = tower.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), self.eot.repeat(n_prompts)]
+        projection = tower.text_projection
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        return F.normalize(x, dim=-1).reshape(n_prompts, n_classes, -1)
+
+    @torch.no_grad()
+    def encode_templates(self, tokenizer, templates) -> torch.Tensor:
+        """Zero-shot classifier [1, C, E]: features of each template, averaged per class, renormalised."""
+        per_template = []
+        for template in templates:
+            texts = [template.format(name) if isinstance(template, str) else template(name) for name in self.classnames]
+            tokens = tokenizer(texts).to(self.tokens.device)
+            per_template.append(self.model.encode_text(tokens, normalize=True))
+        return F.normalize(torch.stack(per_template).mean(0), dim=-1).unsqueeze(0)
+
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's learned temperature, exponentiated (100 for OpenAI CLIP)."""
+        return self.model.logit_scale.exp()

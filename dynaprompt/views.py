@@ -1,0 +1,139 @@
+"""Test-time views of one image: the original plus augmented views, a pure function of (view_seed, sample_id)."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+AUGMIX_OPS = (
+    "autocontrast", "equalize", "posterize", "rotate", "solarize",
+    "shear_x", "shear_y", "translate_x", "translate_y",
+)
+
+
+@dataclass
+class ViewConfig:
+    """How the views of a test image are drawn; the `views:` block of params.yaml."""
+
+    n_views: int = 64  # the original + 63 augmented views
+    view_seed: int = 0
+    augmix: bool = False  # AugMix on top of crop+flip (TPT does it for the fine-grained sets)
+    augmix_severity: int = 1
+    augmix_width: int = 3  # number of chains
+    augmix_max_depth: int = 3  # each chain applies 1..max_depth ops
+
+
+def view_seed_for(view_seed: int, sample_id: str) -> int:
+    """A 63-bit seed that depends only on (view_seed, sample_id), stable across runs and platforms."""
+    digest = hashlib.sha256(f"{view_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _level(generator: torch.Generator, severity: int) -> float:
+    """AugMix's operation strength: uniform in [0.1, severity), on a 0..10 scale."""
+    return _uniform(generator, 0.1, severity)
+
+
+def _sign(generator: torch.Generator) -> int:
+    return 1 if float(torch.rand((), generator=generator)) > 0.5 else -1
+
+
+def apply_augmix_op(name: str, image: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    """One AugMix operation on a uint8 [3, H, W] image, strength drawn from `generator`."""
+    size = image.shape[-1]
+    level = _level(generator, severity)
+    if name == "autocontrast":
+        return TF.autocontrast(image)
+    if name == "equalize":
+        return TF.equalize(image)
+    if name == "posterize":
+        return TF.posterize(image, 4 - int(level * 4 / 10))
+    if name == "solarize":
+        return TF.solarize(image, 256 - int(level * 256 / 10))
+    if name == "rotate":
+        return TF.rotate(image, _sign(generator) * int(level * 30 / 10))
+    if name in ("shear_x", "shear_y"):
+        shear = math.degrees(math.atan(_sign(generator) * level * 0.3 / 10))  # shear factor -> angle
+        shear_xy = [shear, 0.0] if name == "shear_x" else [0.0, shear]
+        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear_xy)
+    if name in ("translate_x", "translate_y"):
+        pixels = _sign(generator) * int(level * size / 3 / 10)
+        offset = [pixels, 0] if name == "translate_x" else [0, pixels]
+        return TF.affine(image, angle=0.0, translate=offset, scale=1.0, shear=[0.0, 0.0])
+    raise ValueError(f"unknown AugMix operation {name!r}")
+
+
+class ViewGenerator:
+    """Original view (resize + centre crop) and augmented views (random resized crop, flip, optional AugMix)."""
+
+    def __init__(self, config: ViewConfig, image_size: int, mean, std):
+        self.config = config
+        self.image_size = image_size
+        self.original = v2.Compose([
+            v2.Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+        ])
+        self.crop = v2.RandomResizedCrop(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    def __call__(self, image, sample_id: str) -> torch.Tensor:
+        """All views [n_views, 3, S, S], normalised; view 0 is the original."""
+        image = as_uint8_rgb(image)
+        seed = view_seed_for(self.config.view_seed, str(sample_id))
+        views = [self.normalize(self.original(image))]
+        # torchvision's random transforms draw from the global RNG: fork it so callers never see the seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(self.config.n_views - 1):
+                views.append(self._augmented_view(image, generator))
+        return torch.stack(views)
+
+    def _augmented_view(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cropped = self.flip(self.crop(image))
+        view = self.normalize(cropped)
+        if not self.config.augmix:
+            return view
+        return self._augmix(cropped, view, generator)
+
+    def _augmix(self, cropped: torch.Tensor, view: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Mix `augmix_width` op chains with Dirichlet weights, then blend with the plain view by Beta(1, 1)."""
+        cfg = self.config
+        exponentials = -torch.log1p(-torch.rand(cfg.augmix_width, generator=generator))
+        chain_weights = exponentials / exponentials.sum()  # Dirichlet(1, ..., 1)
+        blend = float(torch.rand((), generator=generator))  # Beta(1, 1) is uniform on [0, 1]
+        mixed = torch.zeros_like(view)
+        for weight in chain_weights:
+            chained = cropped
+            depth = int(torch.randint(1, cfg.augmix_max_depth + 1, (), generator=generator))
+            for _ in range(depth):
+                op = AUGMIX_OPS[int(torch.randint(len(AUGMIX_OPS), (), generator=generator))]
+                chained = apply_augmix_op(op, chained, cfg.augmix_severity, generator)
+            mixed += weight * self.normalize(chained)
+        return blend * view + (1 - blend) * mixed
+
+
+def as_uint8_rgb(image) -> torch.Tensor:
+    """Accept a PIL image, a uint8 [H, W(, 3)] array or a uint8 [3, H, W] tensor; return uint8 [3, H, W]."""
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image.convert("RGB"))
+    tensor = torch.as_tensor(image)
+    if tensor.ndim == 2:
+        tensor = tensor.unsqueeze(0).expand(3, -1, -1)
+    elif tensor.ndim == 3 and tensor.shape[-1] in (1, 3) and tensor.shape[0] not in (1, 3):
+        tensor = tensor.permute(2, 0, 1)
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    if tensor.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8, got {tensor.dtype}")
+    return tensor.contiguous()
