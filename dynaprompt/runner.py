@@ -80,7 +80,7 @@ def run_one(
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
     source = feature_cache or ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp))
     text = build_text_encoder(clip, data.classnames, settings)
-    runner = build_method(method_spec, text, settings.tuning, tokenizer=clip.tokenizer)
+    runner = build_method(method_spec, text, settings.tuning)
     records = run_stream(runner, stream, labels, source, progress=progress, desc=f"{dataset}/{method}/{ordering}")
     summary = summarize(records, settings.block_size)
     if hasattr(runner, "final_buffer"):

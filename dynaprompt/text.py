@@ -31,6 +31,7 @@ class PromptTextEncoder:
 
     def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a", truncate=True, init_seed=0):
         self.model = model
+        self.tokenizer = tokenizer
         self.tower = text_tower(model)
         self.classnames = [name.replace("_", " ") for name in classnames]
         self.n_ctx = n_ctx
@@ -89,12 +90,12 @@ class PromptTextEncoder:
         return F.normalize(x, dim=-1).reshape(n_prompts, n_classes, -1)
 
     @torch.no_grad()
-    def encode_templates(self, tokenizer, templates) -> torch.Tensor:
+    def encode_templates(self, templates) -> torch.Tensor:
         """Zero-shot classifier [1, C, E]: features of each template, averaged per class, renormalised."""
         per_template = []
         for template in templates:
             texts = [template.format(name) if isinstance(template, str) else template(name) for name in self.classnames]
-            tokens = tokenizer(texts).to(self.tokens.device)
+            tokens = self.tokenizer(texts).to(self.tokens.device)
             per_template.append(self.model.encode_text(tokens, normalize=True))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1).unsqueeze(0)
 

@@ -13,7 +13,7 @@ from .zero_shot import ZeroShot
 METHOD_KINDS = ("zero_shot", "tpt", "online_tpt", "dynaprompt", "zero")
 
 
-def build_method(spec: dict, text: PromptTextEncoder, tuning: TuningConfig, tokenizer=None):
+def build_method(spec: dict, text: PromptTextEncoder, tuning: TuningConfig):
     """A method from its params entry, e.g. {kind: dynaprompt, selection: official, buffer_size: 10}."""
     options = dict(spec)
     kind = options.pop("kind", None)
@@ -22,7 +22,7 @@ def build_method(spec: dict, text: PromptTextEncoder, tuning: TuningConfig, toke
     tuning = with_overrides(tuning, options.pop("tuning", None) or {}, f"method {kind!r} tuning")
     if kind == "zero_shot":
         templates = _templates(options.pop("templates", None))
-        method = ZeroShot(text, templates=templates, tokenizer=tokenizer)
+        method = ZeroShot(text, templates=templates)
     elif kind == "tpt":
         method = TPT(text, tuning)
     elif kind == "online_tpt":

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 from ..objectives import (
-    TuningConfig, encode_for_prediction, entropy, make_grad_scaler, original_view_logits, tune_contexts, view_logits,
+    TuningConfig,
+    encode_for_prediction,
+    entropy,
+    make_grad_scaler,
+    original_view_logits,
+    tune_contexts,
+    view_logits,
 )
 from ..records import Outcome
 from ..text import PromptTextEncoder

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..objectives import TuningConfig, make_grad_scaler
+from ..objectives import TuningConfig, encode_for_prediction, make_grad_scaler
 from ..records import Outcome
 from ..text import PromptTextEncoder
 from .tpt import tpt_step
@@ -24,9 +24,10 @@ class OnlineTPT:
     def reset(self) -> None:
         """Back to v0, at the start of a stream."""
         self.context = self.text.init_context.clone()
+        self.features = encode_for_prediction(self.text, self.context.unsqueeze(0), self.tuning.amp)[0]
 
     def __call__(self, view_features: torch.Tensor) -> Outcome:
-        self.context, outcome = tpt_step(
-            self.text, self.context, view_features, self.tuning, self.scaler, self.scale
+        self.context, self.features, outcome = tpt_step(
+            self.text, self.context, self.features, view_features, self.tuning, self.scaler, self.scale
         )
         return outcome

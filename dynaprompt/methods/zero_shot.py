@@ -13,10 +13,10 @@ class ZeroShot:
 
     order_independent = True
 
-    def __init__(self, text: PromptTextEncoder, templates=None, tokenizer=None):
+    def __init__(self, text: PromptTextEncoder, templates=None):
         self.text = text
         if templates:
-            self.text_features = text.encode_templates(tokenizer, templates)
+            self.text_features = text.encode_templates(templates)
         else:
             with torch.no_grad():
                 self.text_features = text.encode(text.init_context.unsqueeze(0))

@@ -1,0 +1,70 @@
+"""The prompt text encoder: CoOp prompts, truncated sequences, one batched pass."""
+import pytest
+import torch
+
+from dynaprompt.text import PromptTextEncoder
+
+from .conftest import CLASSNAMES
+
+
+@pytest.fixture(scope="module")
+def encoders(clip):
+    cut = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, truncate=True)
+    full = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, truncate=False)
+    return cut, full
+
+
+def test_truncation_shortens_the_sequences(encoders, clip):
+    cut, full = encoders
+    assert full.sequence_length == clip.model.context_length
+    assert cut.sequence_length < full.sequence_length
+    assert cut.sequence_length == int(cut.tokens.argmax(-1).max()) + 1
+
+
+def test_truncation_changes_no_feature_at_init(encoders):
+    cut, full = encoders
+    v0 = cut.init_context.unsqueeze(0)
+    torch.testing.assert_close(cut.encode(v0), full.encode(v0), rtol=0, atol=1e-6)
+
+
+def test_truncation_changes_no_feature_after_perturbing_contexts(encoders):
+    cut, full = encoders
+    generator = torch.Generator().manual_seed(0)
+    contexts = cut.init_context + 0.5 * torch.randn(5, *cut.init_context.shape, generator=generator)
+    torch.testing.assert_close(cut.encode(contexts), full.encode(contexts), rtol=0, atol=1e-6)
+
+
+def test_v0_prompt_equals_encoding_the_plain_sentence(encoders, clip):
+    cut, _ = encoders
+    sentences = [f"a photo of a {name.replace('_', ' ')}." for name in CLASSNAMES]
+    reference = clip.model.encode_text(clip.tokenizer(sentences), normalize=True)
+    torch.testing.assert_close(cut.encode(cut.init_context.unsqueeze(0))[0], reference, rtol=0, atol=1e-6)
+
+
+def test_batched_pass_equals_one_prompt_at_a_time(encoders):
+    cut, _ = encoders
+    noise = torch.randn(3, *cut.init_context.shape, generator=torch.Generator().manual_seed(1))
+    contexts = cut.init_context + 0.1 * noise
+    batched = cut.encode(contexts)
+    single = torch.cat([cut.encode(c.unsqueeze(0)) for c in contexts])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
+    assert batched.shape == (3, len(CLASSNAMES), 128)
+
+
+def test_ctx_init_length_must_match_n_ctx(clip):
+    with pytest.raises(ValueError, match="n_ctx"):
+        PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, n_ctx=3, ctx_init="a photo of a")
+
+
+def test_random_init_without_words_is_seeded(clip):
+    a = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, ctx_init=None, init_seed=3)
+    b = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, ctx_init=None, init_seed=3)
+    assert torch.equal(a.init_context, b.init_context)
+    assert a.init_context.std() < 0.05
+
+
+def test_gradients_reach_the_context(encoders):
+    cut, _ = encoders
+    context = cut.init_context.clone().unsqueeze(0).requires_grad_(True)
+    cut.encode(context).sum().backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
