@@ -33,7 +33,14 @@ class Settings:
     datasets: dict = field(default_factory=dict)
     methods: dict = field(default_factory=dict)
     orderings: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)  # prepared, features, ...: where the pipeline's stages write
     base_dir: Path = Path(".")  # relative paths in params are relative to the params file
+
+
+def project_path(settings: Settings, name: str) -> Path | None:
+    """A `paths:` entry resolved against the params file's folder (None when not configured)."""
+    value = settings.paths.get(name)
+    return settings.base_dir / value if value else None
 
 
 def dataclass_from(cls, options: dict | None, where: str):
@@ -76,6 +83,7 @@ def settings_from_params(params: dict, base_dir: str | Path = ".") -> Settings:
         datasets=dict(params.get("datasets") or {}),
         methods=dict(params.get("methods") or {}),
         orderings=dict(params.get("orderings") or {}),
+        paths=dict(params.get("paths") or {}),
         base_dir=Path(base_dir),
     )
 

@@ -1,12 +1,32 @@
 """Image features of the views of each sample: computed from images, or read from a cache built once."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .model import LoadedClip
 from .views import ViewConfig, ViewGenerator
+
+
+def weights_fingerprint(weights: str) -> str:
+    """Identifies weights: a file's name, size and the hash of its first MiB; else the random-init description."""
+    file = Path(weights)
+    if not file.is_file():
+        return weights
+    with file.open("rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:16]
+    return f"{file.name}:{file.stat().st_size}:{head}"
+
+
+def cache_identity(clip: LoadedClip, arch: str, views: ViewConfig) -> dict:
+    """What a feature cache depends on: the image encoder and the views."""
+    return {"arch": arch, "weights": weights_fingerprint(clip.weights), "views": asdict(views)}
 
 
 class ViewEncoder:
@@ -65,3 +85,65 @@ class CachedViewSource:
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "CachedViewSource":
         payload = torch.load(path, map_location="cpu", weights_only=True)
         return cls(payload["sample_ids"], payload["features"], device=device)
+
+
+class FeatureStore:
+    """A view-feature cache on disk: meta.json + chunk files; resumable, each chunk written atomically."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def meta_file(self) -> Path:
+        return self.folder / "meta.json"
+
+    def chunk_file(self, index: int) -> Path:
+        return self.folder / f"chunk-{index:05d}.pt"
+
+    def read_meta(self) -> dict | None:
+        return json.loads(self.meta_file.read_text()) if self.meta_file.is_file() else None
+
+    def build(self, source: ImageViewSource, sample_ids: list[str], identity: dict, chunk_size: int = 256,
+              progress: bool = False) -> dict:
+        """Encode every sample once; chunks already on disk for the same identity are kept (resume)."""
+        meta = {"identity": identity, "sample_ids": list(sample_ids), "chunk_size": chunk_size, "complete": False}
+        previous = self.read_meta()
+        if previous and {k: previous.get(k) for k in ("identity", "sample_ids", "chunk_size")} != {
+            k: meta[k] for k in ("identity", "sample_ids", "chunk_size")
+        }:
+            for stale in self.folder.glob("chunk-*.pt"):  # another model, views or sample list: start over
+                stale.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.meta_file.write_text(json.dumps(meta))
+        starts = range(0, len(sample_ids), chunk_size)
+        bar = tqdm(total=len(sample_ids), disable=not progress, unit="sample", desc=f"embed {self.folder.name}")
+        reused = 0
+        for index, start in enumerate(starts):
+            batch = sample_ids[start : start + chunk_size]
+            target = self.chunk_file(index)
+            if target.is_file():
+                reused += len(batch)
+            else:
+                features = torch.stack([source(sample_id).cpu() for sample_id in batch])
+                partial = target.with_suffix(".partial")
+                torch.save(features, partial)
+                os.replace(partial, target)
+            bar.update(len(batch))
+        bar.close()
+        meta["complete"] = True
+        self.meta_file.write_text(json.dumps(meta))
+        return {"samples": len(sample_ids), "reused": reused, "encoded": len(sample_ids) - reused}
+
+    def load(self, device: torch.device | str = "cpu", identity: dict | None = None) -> CachedViewSource:
+        """The whole cache as a view source; incomplete, or built for another encoder or views: an error."""
+        meta = self.read_meta()
+        if not meta or not meta.get("complete"):
+            raise FileNotFoundError(f"feature cache {self.folder} is missing or incomplete (run the embed stage)")
+        if identity is not None and meta["identity"] != identity:
+            raise ValueError(
+                f"feature cache {self.folder} was built for {meta['identity']}, not for {identity}; "
+                "re-run the embed stage (dvc repro) or remove the folder"
+            )
+        n_chunks = -(-len(meta["sample_ids"]) // meta["chunk_size"])
+        chunks = [torch.load(self.chunk_file(i), map_location="cpu", weights_only=True) for i in range(n_chunks)]
+        return CachedViewSource(meta["sample_ids"], torch.cat(chunks), device=device)

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import Settings
-from .datasets import build_dataset
-from .features import CachedViewSource, ImageViewSource, ViewEncoder
+from .config import Settings, project_path
+from .datasets import open_dataset
+from .features import CachedViewSource, FeatureStore, ImageViewSource, ViewEncoder, cache_identity
 from .methods import build_method
 from .model import LoadedClip, load_clip
 from .orderings import order_samples
@@ -60,25 +60,33 @@ def build_text_encoder(clip: LoadedClip, classnames, settings: Settings) -> Prom
     )
 
 
+def cached_features(settings: Settings, dataset: str, clip: LoadedClip, views) -> CachedViewSource | None:
+    """The embed stage's cache of `dataset` when it is complete, else None (features come from images)."""
+    root = project_path(settings, "features")
+    if root is None or not (root / dataset / "meta.json").is_file():
+        return None
+    store = FeatureStore(root / dataset)
+    if not store.read_meta().get("complete"):
+        return None
+    return store.load(clip.device, identity=cache_identity(clip, settings.model.arch, views))
+
+
 def run_one(
     settings: Settings, dataset: str, method: str, ordering: str,
     limit: int | None = None, feature_cache: CachedViewSource | None = None, progress: bool = False,
     clip: LoadedClip | None = None,
 ) -> RunResult:
     """Run `method` on `ordering` of `dataset`, all named in `settings`."""
-    dataset_spec = dict(_lookup(settings.datasets, dataset, "dataset"))
+    dataset_spec = _lookup(settings.datasets, dataset, "dataset")
     method_spec = _lookup(settings.methods, method, "method")
     ordering_spec = _lookup(settings.orderings, ordering, "ordering")
     clip = clip or load_clip(settings.model)
-    views = settings.views
-    augmix = dataset_spec.pop("augmix", None)
-    data = build_dataset(dataset, dataset_spec, settings.base_dir)
-    if augmix is None:
-        augmix = getattr(data, "fine_grained", False)
-    views = type(views)(**{**views.__dict__, "augmix": bool(augmix)})
+    data = open_dataset(dataset, dataset_spec, project_path(settings, "prepared"), settings.base_dir)
+    views = replace(settings.views, augmix=bool(dataset_spec.get("augmix", data.fine_grained)))
     stream = order_samples(data.manifest, ordering_spec)[:limit]
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    source = feature_cache or ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp))
+    source = feature_cache or cached_features(settings, dataset, clip, views)
+    source = source or ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp))
     text = build_text_encoder(clip, data.classnames, settings)
     runner = build_method(method_spec, text, settings.tuning)
     records = run_stream(runner, stream, labels, source, progress=progress, desc=f"{dataset}/{method}/{ordering}")

@@ -26,6 +26,25 @@ def truncate_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : int(end_of_text_positions(tokens).max()) + 1]
 
 
+def run_text_tower(tower, embedded: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """CLIP's text transformer over token embeddings [N, L, width] of any length L; unnormalised features [N, E]."""
+    length = embedded.shape[1]
+    x = embedded + tower.positional_embedding[:length]
+    mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+    x = tower.transformer(x, attn_mask=mask)
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    projection = tower.text_projection
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(tokens)` on sequences cut after the last end-of-text token (same features, less work)."""
+    tower = text_tower(model)
+    tokens = truncate_tokens(tokens)
+    return run_text_tower(tower, tower.token_embedding(tokens), end_of_text_positions(tokens))
+
+
 class PromptTextEncoder:
     """Text features of `{ctx} {classname}.` for any stack of contexts, all prompts x classes at once."""
 
@@ -33,6 +52,7 @@ class PromptTextEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.tower = text_tower(model)
+        truncate = truncate and self.tower.attn_mask is not None  # only a causal mask makes the cut exact
         self.classnames = [name.replace("_", " ") for name in classnames]
         self.n_ctx = n_ctx
         device = self.tower.token_embedding.weight.device
@@ -79,14 +99,7 @@ class PromptTextEncoder:
             ],
             dim=2,
         ).reshape(n_prompts * n_classes, length, -1)
-        tower = self.tower
-        x = sequences + tower.positional_embedding[:length]
-        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
-        x = tower.transformer(x, attn_mask=mask)
-        x = tower.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self.eot.repeat(n_prompts)]
-        projection = tower.text_projection
-        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        x = run_text_tower(self.tower, sequences, self.eot.repeat(n_prompts))
         return F.normalize(x, dim=-1).reshape(n_prompts, n_classes, -1)
 
     @torch.no_grad()
@@ -96,7 +109,7 @@ class PromptTextEncoder:
         for template in templates:
             texts = [template.format(name) if isinstance(template, str) else template(name) for name in self.classnames]
             tokens = self.tokenizer(texts).to(self.tokens.device)
-            per_template.append(self.model.encode_text(tokens, normalize=True))
+            per_template.append(F.normalize(encode_tokens(self.model, tokens), dim=-1))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1).unsqueeze(0)
 
     def logit_scale(self) -> torch.Tensor:

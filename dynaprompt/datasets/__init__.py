@@ -1,0 +1,76 @@
+"""Dataset adapters: each turns a dataset in its usual layout into a manifest of test samples."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from . import coop, imagenet
+from .base import (
+    MANIFEST_COLUMNS,
+    DatasetNotFoundError,
+    ManifestDataset,
+    image_folder,
+    load_prepared,
+    write_prepared,
+)
+from .fashion_mnist import fashion_mnist
+
+ADAPTERS = {
+    "image_folder": image_folder,
+    "fashion_mnist": fashion_mnist,
+    "imagenet": imagenet.imagenet,
+    "imagenet_a": imagenet.imagenet_a,
+    "imagenet_v2": imagenet.imagenet_v2,
+    "imagenet_r": imagenet.imagenet_r,
+    "imagenet_sketch": imagenet.imagenet_sketch,
+    "fgvc_aircraft": coop.fgvc_aircraft,
+    **{kind: partial(coop.coop_split, kind=kind) for kind in coop.COOP_LAYOUTS},
+}
+
+# Test-split sizes and class counts of the paper's datasets, checked by the validate stage.
+EXPECTED = {
+    "imagenet": (50000, 1000), "imagenet_a": (7500, 200), "imagenet_v2": (10000, 1000),
+    "imagenet_r": (30000, 200), "imagenet_sketch": (50889, 1000), "caltech101": (2465, 100),
+    "oxford_pets": (3669, 37), "stanford_cars": (8041, 196), "flowers102": (2463, 102), "food101": (30300, 101),
+    "fgvc_aircraft": (3333, 100), "sun397": (19850, 397), "dtd": (1692, 47), "eurosat": (8100, 10),
+    "ucf101": (3783, 101),
+}
+
+# Keys of a dataset's params entry that configure the pipeline, not the adapter.
+PIPELINE_KEYS = ("augmix", "lr", "domain")
+
+
+def adapter_options(spec: dict) -> dict:
+    """The part of a dataset's params entry that the adapter takes."""
+    return {k: v for k, v in spec.items() if k not in PIPELINE_KEYS and k != "kind"}
+
+
+def build_dataset(name: str, spec: dict, base_dir: str | Path = ".") -> ManifestDataset:
+    """A dataset from its params entry, e.g. {kind: imagenet_a, root: /data/imagenet-a}."""
+    kind = spec.get("kind", "image_folder")
+    if kind not in ADAPTERS:
+        raise ValueError(f"dataset {name!r}: kind {kind!r} is not one of {sorted(ADAPTERS)}")
+    options = adapter_options(spec)
+    for key in ("root", "source"):
+        if key in options:
+            options[key] = Path(base_dir) / Path(options[key]).expanduser()
+    dataset = ADAPTERS[kind](name, **options)
+    if "augmix" in spec:
+        dataset.fine_grained = bool(spec["augmix"])
+    return dataset
+
+
+def open_dataset(name: str, spec: dict, prepared_root: str | Path | None = None, base_dir=".") -> ManifestDataset:
+    """The prepared copy when the prepare stage has written one, else the adapter over the raw data."""
+    if prepared_root is not None and (Path(prepared_root) / name / "manifest.parquet").is_file():
+        dataset = load_prepared(name, Path(prepared_root) / name)
+        if "augmix" in spec:
+            dataset.fine_grained = bool(spec["augmix"])
+        return dataset
+    return build_dataset(name, spec, base_dir)
+
+
+__all__ = [
+    "ADAPTERS", "EXPECTED", "MANIFEST_COLUMNS", "DatasetNotFoundError", "ManifestDataset", "adapter_options",
+    "build_dataset", "load_prepared", "open_dataset", "write_prepared",
+]
