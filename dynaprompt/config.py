@@ -33,6 +33,7 @@ class Settings:
     datasets: dict = field(default_factory=dict)
     methods: dict = field(default_factory=dict)
     orderings: dict = field(default_factory=dict)
+    mixtures: dict = field(default_factory=dict)  # name -> {members: [...], per_member, seed}
     paths: dict = field(default_factory=dict)  # prepared, features, ...: where the pipeline's stages write
     base_dir: Path = Path(".")  # relative paths in params are relative to the params file
 
@@ -83,6 +84,7 @@ def settings_from_params(params: dict, base_dir: str | Path = ".") -> Settings:
         datasets=dict(params.get("datasets") or {}),
         methods=dict(params.get("methods") or {}),
         orderings=dict(params.get("orderings") or {}),
+        mixtures=dict(params.get("mixtures") or {}),
         paths=dict(params.get("paths") or {}),
         base_dir=Path(base_dir),
     )

@@ -147,3 +147,14 @@ class FeatureStore:
         n_chunks = -(-len(meta["sample_ids"]) // meta["chunk_size"])
         chunks = [torch.load(self.chunk_file(i), map_location="cpu", weights_only=True) for i in range(n_chunks)]
         return CachedViewSource(meta["sample_ids"], torch.cat(chunks), device=device)
+
+
+class MixtureViewSource:
+    """View features of a mixture's samples (`member/sample_id`) from each member's own source."""
+
+    def __init__(self, sources: dict):
+        self.sources = sources
+
+    def __call__(self, sample_id: str) -> torch.Tensor:
+        member, _, member_sample_id = sample_id.partition("/")
+        return self.sources[member](member_sample_id)

@@ -63,6 +63,44 @@ def make_grad_scaler(device: torch.device, config: TuningConfig) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=enabled, init_scale=config.grad_scale_init)
 
 
+@dataclass
+class TuningRequest:
+    """What one sample asks of the tuner, and what its method needs back to finish the sample.
+
+    `contexts` [U, n_ctx, width] are the distinct prompts to step; `mentions` lists them as the loss sees them
+    (None: each once); `state` is the method's own note from `begin` to `finish`.
+    """
+
+    contexts: torch.Tensor
+    view_features: torch.Tensor
+    mentions: list[int] | None = None
+    state: object = None
+
+
+def fresh_parameters(contexts: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of `contexts` to optimise; the caller's tensor is never touched."""
+    return contexts.detach().clone().requires_grad_(True)
+
+
+def make_optimizer(params: list[torch.Tensor], config: TuningConfig) -> torch.optim.AdamW:
+    """AdamW with fresh state, as every sample gets."""
+    return torch.optim.AdamW(
+        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
+
+
+def tuning_loss(
+    features: torch.Tensor, view_features: torch.Tensor, scale: torch.Tensor, config: TuningConfig,
+    mentions: list[int] | None = None,
+) -> torch.Tensor:
+    """Mean marginal entropy over the confident views, for the prompts whose text features are `features` [U, C, E]."""
+    if mentions is not None:
+        features = features[mentions]
+    logits = view_logits(view_features, features, scale)
+    keep = confident_view_indices(logits.detach(), config.confident_ratio)
+    return marginal_entropy(logits[keep]).mean()
+
+
 def tune_contexts(
     text: PromptTextEncoder,
     contexts: torch.Tensor,
@@ -76,24 +114,31 @@ def tune_contexts(
     `contexts` [U, n_ctx, width] are the distinct prompts being tuned; `mentions` lists them as the loss sees
     them (a prompt named twice counts twice), defaulting to each once.
     """
-    params = contexts.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        [params], lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
-    )
+    params = fresh_parameters(contexts)
+    optimizer = make_optimizer([params], config)
     scale = text.logit_scale()
     for _ in range(config.steps):
         with autocast(view_features.device, config.amp):
-            features = text.encode(params)
-            if mentions is not None:
-                features = features[mentions]
-            logits = view_logits(view_features, features, scale)
-            keep = confident_view_indices(logits.detach(), config.confident_ratio)
-            loss = marginal_entropy(logits[keep]).mean()
+            loss = tuning_loss(text.encode(params), view_features, scale, config, mentions)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     return params.detach()
+
+
+def tune_and_finish(method, view_features: torch.Tensor):
+    """One sample through a tuning method: `begin` (select, score), one tuning, one prediction pass, `finish`.
+
+    `method` has `text`, `tuning`, `scaler`, `begin(view_features) -> TuningRequest` and
+    `finish(request, tuned_contexts, tuned_features) -> Outcome`; `dynaprompt.lockstep` drives the same two
+    halves for several streams at once.
+    """
+    request = method.begin(view_features)
+    tuned = tune_contexts(
+        method.text, request.contexts, request.view_features, method.tuning, method.scaler, request.mentions
+    )
+    return method.finish(request, tuned, encode_for_prediction(method.text, tuned, method.tuning.amp))
 
 
 @torch.no_grad()

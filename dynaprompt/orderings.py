@@ -27,7 +27,28 @@ def class_blocked(manifest: pd.DataFrame, seed: int = 0) -> list[str]:
     return stream
 
 
-ORDERING_KINDS = {"natural": natural, "shuffle": shuffle, "class_blocked": class_blocked}
+def cyclic(manifest: pd.DataFrame, block: int = 100, seed: int = 0) -> list[str]:
+    """Domains in turn, `block` samples each, recurring until every domain is used up.
+
+    Needs a `domain` column (a mixture of datasets sharing a label space). Domains keep their order of first
+    appearance; samples within a domain are shuffled by `seed`. With domains A, B, C: A B C A B C ...
+    """
+    if "domain" not in manifest.columns:
+        raise ValueError("the cyclic ordering needs a dataset with a `domain` column (a mixture of datasets)")
+    rng = np.random.default_rng(seed)
+    queues = []
+    for domain in pd.unique(manifest["domain"]):
+        members = manifest["sample_id"].to_numpy()[manifest["domain"].to_numpy() == domain]
+        queues.append(list(members[rng.permutation(len(members))]))
+    stream = []
+    while any(queues):
+        for queue in queues:
+            stream.extend(queue[:block])
+            del queue[:block]
+    return stream
+
+
+ORDERING_KINDS = {"natural": natural, "shuffle": shuffle, "class_blocked": class_blocked, "cyclic": cyclic}
 
 
 def order_samples(manifest: pd.DataFrame, spec: dict) -> list[str]:

@@ -1,16 +1,27 @@
 """One run: a method over one ordering of one dataset -> per-sample records and a summary."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .config import Settings, project_path
-from .datasets import open_dataset
-from .features import CachedViewSource, FeatureStore, ImageViewSource, ViewEncoder, cache_identity
+from .datasets import ManifestDataset, open_dataset
+from .datasets.base import MixtureDataset
+from .features import (
+    CachedViewSource,
+    FeatureStore,
+    ImageViewSource,
+    MixtureViewSource,
+    ViewEncoder,
+    cache_identity,
+    weights_fingerprint,
+)
 from .methods import build_method
 from .model import LoadedClip, load_clip
 from .orderings import order_samples
@@ -45,7 +56,8 @@ def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = F
     return records_frame(records)
 
 
-def _lookup(table: dict, name: str, what: str) -> dict:
+def lookup(table: dict, name: str, what: str) -> dict:
+    """`table[name]`, or an error naming what is defined."""
     if name not in table:
         raise KeyError(f"{what} {name!r} is not defined in params (defined: {sorted(table)})")
     return table[name]
@@ -60,6 +72,21 @@ def build_text_encoder(clip: LoadedClip, classnames, settings: Settings) -> Prom
     )
 
 
+def open_named_dataset(settings: Settings, name: str) -> ManifestDataset:
+    """A dataset or a mixture of datasets, by its name in params (prepared copies preferred)."""
+    if name in settings.mixtures:
+        spec = dict(settings.mixtures[name])
+        members = {m: open_named_dataset(settings, m) for m in spec.pop("members")}
+        return MixtureDataset(name, members, **spec)
+    spec = lookup(settings.datasets, name, "dataset")
+    return open_dataset(name, spec, project_path(settings, "prepared"), settings.base_dir)
+
+
+def views_for(settings: Settings, dataset: ManifestDataset):
+    """The view config of a dataset: AugMix on for the fine-grained sets."""
+    return replace(settings.views, augmix=bool(dataset.fine_grained))
+
+
 def cached_features(settings: Settings, dataset: str, clip: LoadedClip, views) -> CachedViewSource | None:
     """The embed stage's cache of `dataset` when it is complete, else None (features come from images)."""
     root = project_path(settings, "features")
@@ -71,30 +98,56 @@ def cached_features(settings: Settings, dataset: str, clip: LoadedClip, views) -
     return store.load(clip.device, identity=cache_identity(clip, settings.model.arch, views))
 
 
+def view_source_for(settings: Settings, dataset: ManifestDataset, clip: LoadedClip):
+    """Cached view features where the embed stage wrote them, else the image encoder over the images."""
+    if isinstance(dataset, MixtureDataset):
+        return MixtureViewSource({m: view_source_for(settings, d, clip) for m, d in dataset.members.items()})
+    views = views_for(settings, dataset)
+    cached = cached_features(settings, dataset.name, clip, views)
+    return cached or ImageViewSource(dataset, ViewEncoder(clip, views, amp=settings.tuning.amp))
+
+
+def run_fingerprint(settings: Settings, dataset: str, method: str, ordering: str | None, clip: LoadedClip) -> str:
+    """A hash of everything a run's records depend on; equal fingerprints mean the records can be reused.
+
+    `ordering=None` fingerprints the manifest-order run that order-independent methods share.
+    """
+    relevant = {
+        "model": asdict(settings.model) | {"weights": weights_fingerprint(clip.weights)},
+        "prompt": asdict(settings.prompt), "views": asdict(settings.views), "tuning": asdict(settings.tuning),
+        "dataset": settings.mixtures.get(dataset) or settings.datasets.get(dataset),
+        "members": {m: settings.datasets.get(m) for m in (settings.mixtures.get(dataset) or {}).get("members", [])},
+        "method": lookup(settings.methods, method, "method"),
+        "ordering": lookup(settings.orderings, ordering, "ordering") if ordering else {"kind": "natural"},
+        "block_size": settings.block_size,
+    }
+    relevant["model"].pop("device", None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def run_one(
     settings: Settings, dataset: str, method: str, ordering: str,
-    limit: int | None = None, feature_cache: CachedViewSource | None = None, progress: bool = False,
-    clip: LoadedClip | None = None,
+    limit: int | None = None, feature_cache=None, progress: bool = False, clip: LoadedClip | None = None,
 ) -> RunResult:
     """Run `method` on `ordering` of `dataset`, all named in `settings`."""
-    dataset_spec = _lookup(settings.datasets, dataset, "dataset")
-    method_spec = _lookup(settings.methods, method, "method")
-    ordering_spec = _lookup(settings.orderings, ordering, "ordering")
+    method_spec = lookup(settings.methods, method, "method")
+    ordering_spec = lookup(settings.orderings, ordering, "ordering")
     clip = clip or load_clip(settings.model)
-    data = open_dataset(dataset, dataset_spec, project_path(settings, "prepared"), settings.base_dir)
-    views = replace(settings.views, augmix=bool(dataset_spec.get("augmix", data.fine_grained)))
+    data = open_named_dataset(settings, dataset)
     stream = order_samples(data.manifest, ordering_spec)[:limit]
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    source = feature_cache or cached_features(settings, dataset, clip, views)
-    source = source or ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp))
+    source = feature_cache or view_source_for(settings, data, clip)
     text = build_text_encoder(clip, data.classnames, settings)
     runner = build_method(method_spec, text, settings.tuning)
     records = run_stream(runner, stream, labels, source, progress=progress, desc=f"{dataset}/{method}/{ordering}")
+    if "domain" in data.manifest.columns:
+        records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))
     summary = summarize(records, settings.block_size)
     if hasattr(runner, "final_buffer"):
         summary["final_buffer"] = runner.final_buffer()
     meta = {
-        "dataset": dataset, "method": method, "ordering": ordering, "weights": clip.weights,
-        "device": str(clip.device), "torch_threads": torch.get_num_threads(),
+        "dataset": dataset, "method": method, "method_kind": method_spec.get("kind"), "ordering": ordering,
+        "ordering_kind": ordering_spec.get("kind"), "order_independent": bool(runner.order_independent),
+        "weights": clip.weights, "device": str(clip.device), "torch_threads": torch.get_num_threads(),
     }
     return RunResult(records=records, summary=summary, meta=meta)

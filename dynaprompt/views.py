@@ -72,6 +72,30 @@ def apply_augmix_op(name: str, image: torch.Tensor, severity: int, generator: to
     raise ValueError(f"unknown AugMix operation {name!r}")
 
 
+def random_resized_crop_box(height: int, width: int, generator: torch.Generator, scale=(0.08, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (area in `scale`, log-uniform aspect `ratio`), drawn from `generator`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the central crop with the closest allowed aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class ViewGenerator:
     """Original view (resize + centre crop) and augmented views (random resized crop, flip, optional AugMix)."""
 
@@ -82,25 +106,25 @@ class ViewGenerator:
             v2.Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(image_size),
         ])
-        self.crop = v2.RandomResizedCrop(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        self.flip = v2.RandomHorizontalFlip()
         self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
     def __call__(self, image, sample_id: str) -> torch.Tensor:
         """All views [n_views, 3, S, S], normalised; view 0 is the original."""
         image = as_uint8_rgb(image)
-        seed = view_seed_for(self.config.view_seed, str(sample_id))
+        # Every random draw comes from this generator, never from torch's global RNG: runs in parallel
+        # threads would otherwise interleave their draws and see different views.
+        generator = torch.Generator().manual_seed(view_seed_for(self.config.view_seed, str(sample_id)))
         views = [self.normalize(self.original(image))]
-        # torchvision's random transforms draw from the global RNG: fork it so callers never see the seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
-            for _ in range(self.config.n_views - 1):
-                views.append(self._augmented_view(image, generator))
+        for _ in range(self.config.n_views - 1):
+            views.append(self._augmented_view(image, generator))
         return torch.stack(views)
 
     def _augmented_view(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        cropped = self.flip(self.crop(image))
+        top, left, height, width = random_resized_crop_box(image.shape[-2], image.shape[-1], generator)
+        cropped = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size],
+                                  interpolation=InterpolationMode.BICUBIC, antialias=True)
+        if float(torch.rand((), generator=generator)) < 0.5:
+            cropped = TF.horizontal_flip(cropped)
         view = self.normalize(cropped)
         if not self.config.augmix:
             return view

@@ -62,3 +62,14 @@ def test_grayscale_and_pil_inputs():
     gray = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
     assert generator(n_views=2)(gray, "g").shape == (2, 3, 32, 32)
     assert generator(n_views=2)(Image.fromarray(gray), "g").shape == (2, 3, 32, 32)
+
+
+def test_views_drawn_in_parallel_threads_equal_sequential_ones():
+    from concurrent.futures import ThreadPoolExecutor
+
+    make = generator(n_views=16, augmix=True)
+    ids = [f"s{i}" for i in range(8)]
+    sequential = [make(image(i), sid) for i, sid in enumerate(ids)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda args: make(image(args[0]), args[1]), enumerate(ids)))
+    assert all(torch.equal(a, b) for a, b in zip(sequential, parallel))

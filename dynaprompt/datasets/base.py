@@ -110,3 +110,35 @@ def load_prepared(name: str, folder) -> ManifestDataset:
     pixels_file = folder / "pixels.npy"
     pixels = np.load(pixels_file, mmap_mode="r") if pixels_file.is_file() else None
     return ManifestDataset(name, classnames, manifest, fine_grained=meta.get("fine_grained", False), pixels=pixels)
+
+
+class MixtureDataset(ManifestDataset):
+    """Several datasets sharing a label space as one, with a `domain` column; sample ids are `member/sample_id`."""
+
+    def __init__(self, name: str, members: dict[str, ManifestDataset], per_member: int | None = None, seed: int = 0):
+        first = next(iter(members.values()))
+        for member_name, member in members.items():
+            if member.classnames != first.classnames:
+                raise ValueError(f"mixture {name!r}: {member_name!r} does not share the label space of the others")
+        frames = []
+        for member_name, member in members.items():
+            frame = member.manifest[["sample_id", "label", "class_name"]].copy()
+            if per_member is not None and per_member < len(frame):
+                keep = np.sort(np.random.default_rng(seed).permutation(len(frame))[:per_member])
+                frame = frame.iloc[keep]
+            frame["member_sample_id"] = frame["sample_id"]
+            frame["sample_id"] = member_name + "/" + frame["sample_id"].astype(str)
+            frame["domain"] = member_name
+            frames.append(frame)
+        super().__init__(name, first.classnames, pd.concat(frames, ignore_index=True), first.fine_grained)
+        self.members = members
+
+    def load(self, sample_id: str):
+        member, member_sample_id = split_mixture_id(sample_id)
+        return self.members[member].load(member_sample_id)
+
+
+def split_mixture_id(sample_id: str) -> tuple[str, str]:
+    """`member/sample_id` -> (member, sample_id); member names contain no slash."""
+    member, _, rest = sample_id.partition("/")
+    return member, rest

@@ -10,7 +10,13 @@ from .tpt import TPT
 from .zero import Zero
 from .zero_shot import ZeroShot
 
-METHOD_KINDS = ("zero_shot", "tpt", "online_tpt", "dynaprompt", "zero")
+METHOD_CLASSES = {"zero_shot": ZeroShot, "tpt": TPT, "online_tpt": OnlineTPT, "dynaprompt": DynaPrompt, "zero": Zero}
+METHOD_KINDS = tuple(METHOD_CLASSES)
+
+
+def is_order_independent(spec: dict) -> bool:
+    """True for methods whose prediction of a sample does not depend on the samples before it."""
+    return METHOD_CLASSES[spec["kind"]].order_independent
 
 
 def build_method(spec: dict, text: PromptTextEncoder, tuning: TuningConfig):
@@ -50,4 +56,4 @@ def _templates(name):
     raise ValueError(f"templates must be null, 'openai_imagenet' or a list of strings with '{{}}', got {name!r}")
 
 
-__all__ = ["METHOD_KINDS", "build_method", "DynaPrompt", "DynaPromptConfig", "OnlineTPT", "TPT", "Zero", "ZeroShot"]
+__all__ = ["METHOD_KINDS", "build_method", "is_order_independent", "DynaPrompt", "DynaPromptConfig", "OnlineTPT", "TPT", "Zero", "ZeroShot"]

@@ -14,11 +14,12 @@ import torch
 
 from ..objectives import (
     TuningConfig,
+    TuningRequest,
     encode_for_prediction,
     entropy,
     make_grad_scaler,
     original_view_logits,
-    tune_contexts,
+    tune_and_finish,
     view_logits,
 )
 from ..records import Outcome
@@ -123,7 +124,8 @@ class DynaPrompt:
             for _ in range(self.config.buffer_size):
                 self._append_fresh()
 
-    def __call__(self, view_features: torch.Tensor) -> Outcome:
+    def begin(self, view_features: torch.Tensor) -> TuningRequest:
+        """Steps 1-6: score the buffer from carried features, select (or append), mark the selection in LRU order."""
         if self.config.selection == "official":
             mentions, appended, deleted = self._select_official(view_features)
         else:
@@ -132,11 +134,22 @@ class DynaPrompt:
             self.lru.remove(prompt_id)
             self.lru.append(prompt_id)
             self.buffer[prompt_id].uses += 1
-        before, after = self._tune_and_predict(mentions, view_features)
+        return self._tuning_request(mentions, appended, deleted, view_features)
+
+    def finish(self, request: TuningRequest, tuned: torch.Tensor, new_features: torch.Tensor) -> Outcome:
+        """Steps 7-8 after the tuning: keep the stepped prompts and their features, predict by their mean logits."""
+        mentions, appended, deleted, distinct, before = request.state
+        for k, prompt_id in enumerate(distinct):
+            self.buffer[prompt_id].context = tuned[k]
+            self.buffer[prompt_id].features = new_features[k]
+        after = original_view_logits(request.view_features, new_features[request.mentions], self.scale)
         return Outcome(
             pred=int(after.argmax()), entropy_before=float(entropy(before)), entropy_after=float(entropy(after)),
             selected=mentions, appended=appended, deleted=deleted, buffer_size=self.buffer_in_use(),
         )
+
+    def __call__(self, view_features: torch.Tensor) -> Outcome:
+        return tune_and_finish(self, view_features)
 
     def _scores(self, features: torch.Tensor, view_features: torch.Tensor):
         """H and D of every prompt whose text features are stacked in `features` [P, C, E]."""
@@ -173,21 +186,15 @@ class DynaPrompt:
         entropy_m, probdiff_m = self._scores(torch.stack([self.buffer[s].features for s in slots]), view_features)
         return select_official(entropy_m, probdiff_m, init), appended, deleted
 
-    def _tune_and_predict(self, mentions: list[int], view_features: torch.Tensor):
-        """Steps 7-8: one step on the selected prompts (repeats count twice), predict by their mean logits."""
+    def _tuning_request(self, mentions: list[int], appended, deleted, view_features) -> TuningRequest:
+        """Step 7's ask: one step on the distinct selected prompts, repeats counting twice in the loss."""
         distinct = sorted(set(mentions))
         position = {prompt_id: k for k, prompt_id in enumerate(distinct)}
         mention_index = [position[prompt_id] for prompt_id in mentions]
         old_features = torch.stack([self.buffer[i].features for i in distinct])
         before = original_view_logits(view_features, old_features[mention_index], self.scale)
         contexts = torch.stack([self.buffer[i].context for i in distinct])
-        tuned = tune_contexts(self.text, contexts, view_features, self.tuning, self.scaler, mention_index)
-        new_features = encode_for_prediction(self.text, tuned, self.tuning.amp)
-        for k, prompt_id in enumerate(distinct):
-            self.buffer[prompt_id].context = tuned[k]
-            self.buffer[prompt_id].features = new_features[k]
-        after = original_view_logits(view_features, new_features[mention_index], self.scale)
-        return before, after
+        return TuningRequest(contexts, view_features, mention_index, state=(mentions, appended, deleted, distinct, before))
 
     def _append_fresh(self) -> int:
         """A new prompt at v0, most recently used; returns its id."""

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..objectives import TuningConfig, encode_for_prediction, make_grad_scaler
+from ..objectives import TuningConfig, TuningRequest, encode_for_prediction, make_grad_scaler, tune_and_finish
 from ..records import Outcome
 from ..text import PromptTextEncoder
-from .tpt import tpt_step
+from .tpt import tpt_outcome, tpt_request
 
 
 class OnlineTPT:
@@ -26,8 +26,13 @@ class OnlineTPT:
         self.context = self.text.init_context.clone()
         self.features = encode_for_prediction(self.text, self.context.unsqueeze(0), self.tuning.amp)[0]
 
+    def begin(self, view_features: torch.Tensor) -> TuningRequest:
+        return tpt_request(self.context, self.features, view_features, self.scale)
+
+    def finish(self, request: TuningRequest, tuned: torch.Tensor, tuned_features: torch.Tensor) -> Outcome:
+        """Carry the tuned context and its text features (reused by the next sample) along the stream."""
+        self.context, self.features = tuned[0], tuned_features[0]
+        return tpt_outcome(request, tuned_features, self.scale)
+
     def __call__(self, view_features: torch.Tensor) -> Outcome:
-        self.context, self.features, outcome = tpt_step(
-            self.text, self.context, self.features, view_features, self.tuning, self.scaler, self.scale
-        )
-        return outcome
+        return tune_and_finish(self, view_features)

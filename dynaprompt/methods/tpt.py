@@ -5,30 +5,30 @@ import torch
 
 from ..objectives import (
     TuningConfig,
+    TuningRequest,
     encode_for_prediction,
     entropy,
     make_grad_scaler,
     original_view_logits,
-    tune_contexts,
+    tune_and_finish,
 )
 from ..records import Outcome
 from ..text import PromptTextEncoder
 
 
-def tpt_step(text, context, features, view_features, tuning, scaler, scale):
-    """Tune one context (whose text features are `features` [C, E]) on one sample and predict with it.
-
-    Returns the tuned context, its text features (reused by the next sample of Online TPT) and the outcome.
-    """
+def tpt_request(context, features, view_features, scale) -> TuningRequest:
+    """Ask to tune one context (whose text features are `features` [C, E]) on one sample."""
     before = original_view_logits(view_features, features.unsqueeze(0), scale)
-    tuned = tune_contexts(text, context.unsqueeze(0), view_features, tuning, scaler)
-    tuned_features = encode_for_prediction(text, tuned, tuning.amp)
-    after = original_view_logits(view_features, tuned_features, scale)
-    outcome = Outcome(
-        pred=int(after.argmax()), entropy_before=float(entropy(before)), entropy_after=float(entropy(after)),
+    return TuningRequest(context.unsqueeze(0), view_features, state=before)
+
+
+def tpt_outcome(request: TuningRequest, tuned_features: torch.Tensor, scale) -> Outcome:
+    """Predict with the tuned context, whose text features are `tuned_features` [1, C, E]."""
+    after = original_view_logits(request.view_features, tuned_features, scale)
+    return Outcome(
+        pred=int(after.argmax()), entropy_before=float(entropy(request.state)), entropy_after=float(entropy(after)),
         selected=[0], buffer_size=1,
     )
-    return tuned[0], tuned_features[0], outcome
 
 
 class TPT:
@@ -46,8 +46,11 @@ class TPT:
     def reset(self) -> None:
         """Episodic: there is no state between samples."""
 
+    def begin(self, view_features: torch.Tensor) -> TuningRequest:
+        return tpt_request(self.text.init_context, self.v0_features, view_features, self.scale)
+
+    def finish(self, request: TuningRequest, tuned: torch.Tensor, tuned_features: torch.Tensor) -> Outcome:
+        return tpt_outcome(request, tuned_features, self.scale)
+
     def __call__(self, view_features: torch.Tensor) -> Outcome:
-        _, _, outcome = tpt_step(
-            self.text, self.text.init_context, self.v0_features, view_features, self.tuning, self.scaler, self.scale
-        )
-        return outcome
+        return tune_and_finish(self, view_features)

@@ -1,0 +1,108 @@
+"""Several orderings of one dataset advanced in lockstep, their text-encoder passes batched.
+
+At every stream position each stream's method runs its own `begin` (selection, scores: no text pass), then one
+tuning step serves all streams at once -- one `PromptTextEncoder.encode` over the concatenated contexts of every
+stream, the streams' losses summed -- and one prediction pass encodes every stream's tuned contexts together;
+each method's `finish` then keeps its own results. Streams never mix:
+
+- the loss of stream s depends only on stream s's contexts (the text transformer treats every sequence on its
+  own), so the gradient of the summed loss with respect to stream s's contexts is stream s's own gradient;
+- each stream keeps its own leaf parameter, its own AdamW (fresh state per sample, as one by one) and its own
+  GradScaler (the method's): on GPU an overflow in one stream skips that stream's step only and every scaler
+  evolves as it would alone. (AdamW is elementwise, weight decay included, so one optimizer over the
+  concatenation would step the same values; per-stream optimizers also keep the scalers exact.)
+
+Records equal those of `runner.run_stream` per stream, up to float rounding of the batched passes (a larger
+batch can round differently in the last bit); `seconds` is each lockstep step's wall time shared evenly among
+the streams it advanced.
+"""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .methods import build_method
+from .objectives import (
+    TuningConfig,
+    TuningRequest,
+    autocast,
+    encode_for_prediction,
+    fresh_parameters,
+    make_optimizer,
+    tuning_loss,
+)
+from .records import make_record, records_frame
+from .runner import run_stream
+from .text import PromptTextEncoder
+
+LOCKSTEP_KINDS = ("tpt", "online_tpt", "dynaprompt")
+
+
+def tune_contexts_lockstep(
+    text: PromptTextEncoder, requests: list[TuningRequest], config: TuningConfig, scalers: list
+) -> list[torch.Tensor]:
+    """`tune_contexts` for several independent requests at once: one text pass per step over all their contexts."""
+    params = [fresh_parameters(request.contexts) for request in requests]
+    optimizers = [make_optimizer([p], config) for p in params]
+    sizes = [p.shape[0] for p in params]
+    scale = text.logit_scale()
+    device = requests[0].view_features.device
+    for _ in range(config.steps):
+        with autocast(device, config.amp):
+            features = text.encode(torch.cat(params)).split(sizes)
+            losses = [
+                tuning_loss(f, request.view_features, scale, config, request.mentions)
+                for f, request in zip(features, requests)
+            ]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        torch.stack([scaler.scale(loss) for scaler, loss in zip(scalers, losses)]).sum().backward()
+        for optimizer, scaler in zip(optimizers, scalers):
+            scaler.step(optimizer)
+            scaler.update()
+    return [p.detach() for p in params]
+
+
+def lockstep_supported(method) -> bool:
+    """Tuning methods split into `begin` / `finish`; the others have no text pass to batch."""
+    return all(hasattr(method, name) for name in ("begin", "finish", "scaler", "tuning"))
+
+
+def run_lockstep(
+    method_spec: dict, text: PromptTextEncoder, tuning: TuningConfig, streams: list[list[str]], labels: dict,
+    view_source, progress: bool = False,
+) -> list[pd.DataFrame]:
+    """Run the method of `method_spec` on every stream (e.g. orderings of one dataset) in lockstep.
+
+    One records table per stream, the same columns as `runner.run_stream`. Streams may differ in length: a
+    finished stream simply drops out. Methods without a tuning step (zero-shot, ZERO) run stream by stream.
+    """
+    methods = [build_method(method_spec, text, tuning) for _ in streams]
+    if not methods:
+        return []
+    if not lockstep_supported(methods[0]):
+        return [run_stream(method, stream, labels, view_source) for method, stream in zip(methods, streams)]
+    for method in methods:
+        method.reset()
+    config, amp = methods[0].tuning, methods[0].tuning.amp
+    records = [[] for _ in streams]
+    length = max(len(stream) for stream in streams)
+    bar = tqdm(total=length, desc=f"lockstep {method_spec.get('kind')} x{len(streams)}", disable=not progress)
+    for position in range(length):
+        active = [k for k, stream in enumerate(streams) if position < len(stream)]
+        view_features = {k: view_source(streams[k][position]) for k in active}
+        start = time.perf_counter()
+        requests = [methods[k].begin(view_features[k]) for k in active]
+        tuned = tune_contexts_lockstep(text, requests, config, [methods[k].scaler for k in active])
+        tuned_features = encode_for_prediction(text, torch.cat(tuned), amp).split([t.shape[0] for t in tuned])
+        outcomes = [methods[k].finish(r, t, f) for k, r, t, f in zip(active, requests, tuned, tuned_features)]
+        seconds = (time.perf_counter() - start) / len(active)
+        for k, outcome in zip(active, outcomes):
+            sample_id = streams[k][position]
+            records[k].append(make_record(position, sample_id, labels[sample_id], outcome, seconds))
+        bar.update(1)
+    bar.close()
+    return [records_frame(rows) for rows in records]
