@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import platform
 import resource
 import sys
@@ -431,47 +432,77 @@ def reference_graph_gib(clip: LoadedClip, n_prompts: int, n_classes: int, length
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def run_library(name, spec, text, tuning, cache, ids, device):
-    """The library's method over the stream: the same calls as `method(view_features)`, timed by part."""
-    method = build_method(spec, text, tuning)
-    method.reset()
-    clock = Clock(device)
-    preds, entropies, seconds, selected = [], [], [], []
-    for sample_id in ids:
+class LibraryRunner:
+    """The library's method, one sample per call: the calls of `method(view_features)`, timed by part."""
+
+    def __init__(self, spec, text, tuning, device):
+        self.method = build_method(spec, text, tuning)
+        self.text = text
+        self.clock = Clock(device)
+
+    def reset(self) -> None:
+        self.method.reset()
+
+    def __call__(self, view_features):
+        method, clock = self.method, self.clock
+        if not lockstep_supported(method):
+            with clock("predict"):
+                return method(view_features)
+        # objectives.tune_and_finish, with a clock around each part
+        with clock("metrics"):
+            request = method.begin(view_features)
+        with clock("tune"):
+            tuned = tune_contexts(self.text, request.contexts, request.view_features, method.tuning, method.scaler,
+                                  request.mentions)
+        with clock("predict"):
+            features = encode_for_prediction(self.text, tuned, method.tuning.amp)
+            return method.finish(request, tuned, features)
+
+
+def compare_method(name, spec, text, plain, tuning, cache, ids, images, warmup, device, buffer_size,
+                   with_reference: bool) -> tuple[dict, dict | None]:
+    """Library and reference over the same stream, interleaved sample by sample so that load on the machine
+    hits both alike; each warmed up first on `warmup` (sample id, views) pairs, then reset."""
+    library = LibraryRunner(spec, text, tuning, device)
+    reference = build_plain(name, plain, tuning, Clock(device), buffer_size) if with_reference else None
+    library.reset()
+    if reference is not None:
+        reference.reset()
+    for sample_id, views in warmup:
+        library(cache(sample_id))
+        if reference is not None:
+            reference(views)
+    library.clock.parts.clear()
+    library.reset()
+    if reference is not None:
+        reference.clock.parts.clear()
+        reference.reset()
+    lib = {"preds": [], "entropy_after": [], "seconds": [], "n_selected": [], "peak_mib": 0.0}
+    ref = {"preds": [], "entropy_after": [], "seconds": [], "peak_mib": 0.0} if reference is not None else None
+    for sample_id, views in zip(ids, images):
         view_features = cache(sample_id)
-        before = clock.total()
-        if lockstep_supported(method):  # = objectives.tune_and_finish, with a clock around each half
-            with clock("metrics"):
-                request = method.begin(view_features)
-            with clock("tune"):
-                tuned = tune_contexts(text, request.contexts, request.view_features, method.tuning, method.scaler,
-                                      request.mentions)
-            with clock("predict"):
-                features = encode_for_prediction(text, tuned, method.tuning.amp)
-                outcome = method.finish(request, tuned, features)
-        else:
-            with clock("predict"):
-                outcome = method(view_features)
-        seconds.append(clock.total() - before)
-        preds.append(outcome.pred)
-        entropies.append(outcome.entropy_after)
-        selected.append(len(outcome.selected))
-    return {"preds": preds, "entropy_after": entropies, "seconds": seconds, "parts": dict(clock.parts),
-            "n_selected": selected}
-
-
-def run_reference(name, plain, tuning, images, device, buffer_size):
-    clock = Clock(device)
-    method = build_plain(name, plain, tuning, clock, buffer_size)
-    method.reset()
-    preds, entropies, seconds = [], [], []
-    for views in images:
-        before = clock.total()
-        pred, entropy_after = method(views)
-        seconds.append(clock.total() - before)
-        preds.append(pred)
-        entropies.append(entropy_after)
-    return {"preds": preds, "entropy_after": entropies, "seconds": seconds, "parts": dict(clock.parts)}
+        before, memory = library.clock.total(), PeakMemory(device)
+        with memory:
+            outcome = library(view_features)
+        lib["seconds"].append(library.clock.total() - before)
+        lib["peak_mib"] = max(lib["peak_mib"], memory.peak_mib)
+        lib["preds"].append(outcome.pred)
+        lib["entropy_after"].append(outcome.entropy_after)
+        lib["n_selected"].append(len(outcome.selected))
+        lib["memory_how"] = memory.how
+        if reference is None:
+            continue
+        before, memory = reference.clock.total(), PeakMemory(device)
+        with memory:
+            pred, entropy_after = reference(views)
+        ref["seconds"].append(reference.clock.total() - before)
+        ref["peak_mib"] = max(ref["peak_mib"], memory.peak_mib)
+        ref["preds"].append(pred)
+        ref["entropy_after"].append(entropy_after)
+    lib["parts"] = dict(library.clock.parts)
+    if ref is not None:
+        ref["parts"] = dict(reference.clock.parts)
+    return lib, ref
 
 
 def reference_prompts(name: str, n_samples: int, buffer_size: int) -> int:
@@ -483,21 +514,25 @@ def reference_prompts(name: str, n_samples: int, buffer_size: int) -> int:
     return 1 if name in ("tpt", "online_tpt") else 0
 
 
-def lockstep_comparison(name, spec, text, tuning, cache, ids, labels, n_orderings, seed, device):
+def lockstep_comparison(name, spec, text, tuning, cache, ids, labels, n_orderings, seed, device, repeats=2):
     """Several orderings one by one (`run_stream`) against `run_lockstep`; the same records, timed."""
     rng = np.random.default_rng(seed)
     orderings = [list(ids)] + [[ids[i] for i in rng.permutation(len(ids))] for _ in range(n_orderings - 1)]
     clock = Clock(device)
-    with clock("one_by_one"):
-        alone = [run_stream(build_method(spec, text, tuning), order, labels, cache) for order in orderings]
-    with clock("lockstep"):
-        together = run_lockstep(spec, text, tuning, orderings, labels, cache)
+    plan = ["one_by_one", "lockstep"] if repeats < 2 else ["one_by_one", "lockstep", "lockstep", "one_by_one"]
+    for way in plan:
+        with clock(way):
+            if way == "one_by_one":
+                alone = [run_stream(build_method(spec, text, tuning), order, labels, cache) for order in orderings]
+            else:
+                together = run_lockstep(spec, text, tuning, orderings, labels, cache)
     same = sum(int((a["pred"] == b["pred"]).sum()) for a, b in zip(alone, together))
     drift = max(float(np.abs(a["entropy_after"].to_numpy() - b["entropy_after"].to_numpy()).max())
                 for a, b in zip(alone, together))
-    n = sum(len(order) for order in orderings)
+    n = sum(len(order) for order in orderings) * len(plan) // 2
     return {
-        "method": name, "orderings": n_orderings, "samples_total": n,
+        "method": name, "orderings": n_orderings, "samples_total": sum(len(order) for order in orderings),
+        "repeats": len(plan) // 2,
         "one_by_one_ms_per_sample": 1000 * clock.parts["one_by_one"] / n,
         "lockstep_ms_per_sample": 1000 * clock.parts["lockstep"] / n,
         "throughput_ratio": clock.parts["one_by_one"] / clock.parts["lockstep"],
@@ -575,6 +610,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reference-gib", type=float, default=None,
                    help="skip a reference whose autograd graph would need more (default: 80%% of free memory)")
     p.add_argument("--params", default="params.yaml", help="sweep plan for the feature-cache arithmetic (if present)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed samples each method runs first (then reset)")
+    p.add_argument("--lockstep-repeats", type=int, default=1,
+                   help="1: one-by-one then lockstep; 2: one-by-one, lockstep, lockstep, one-by-one (ABBA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/benchmark.json")
     return p
@@ -590,6 +628,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     started = time.perf_counter()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     clip = load_clip(ModelSpec(arch=args.arch, pretrained=None, init_seed=args.seed, device=args.device))
     classnames = benchmark_classnames(args.classes)
@@ -598,13 +637,15 @@ def main(argv=None) -> dict:
     tuning = TuningConfig(lr=args.lr)
     specs = method_specs(args.buffer_size)
 
-    images = [v.to(device) for v in random_images_views(clip, args.samples, args.views, args.seed)]
-    ids = [f"bench-{i}" for i in range(args.samples)]
+    all_images = [v.to(device) for v in random_images_views(clip, args.samples + args.warmup, args.views, args.seed)]
+    all_ids = [f"bench-{i}" for i in range(args.samples + args.warmup)]
+    warmup = list(zip(all_ids[args.samples:], all_images[args.samples:]))  # untimed, never in the stream
+    images, ids = all_images[: args.samples], all_ids[: args.samples]
     labels = {sample_id: int(i * 7919 % args.classes) for i, sample_id in enumerate(ids)}
     cache_clock = Clock(device)
     with cache_clock("cache"):  # the embed stage: one image-encoder pass per sample, once per dataset
-        features = torch.stack([plain.image_features(v) for v in images])
-    cache = CachedViewSource(ids, features, device=device)
+        features = torch.stack([plain.image_features(v) for v in all_images])
+    cache = CachedViewSource(all_ids, features, device=device)
     with torch.no_grad():  # warm-up: first calls set up kernels
         text.encode(text.init_context.unsqueeze(0))
         plain.text_features(plain.v0.unsqueeze(0))
@@ -612,16 +653,13 @@ def main(argv=None) -> dict:
     budget = args.max_reference_gib if args.max_reference_gib is not None else 0.8 * available_memory_gib(device)
     rows, details, memory_how = [], {}, ""
     for name in names:
-        library_memory = PeakMemory(device)
-        with library_memory:
-            library = run_library(name, specs[name], text, tuning, cache, ids, device)
-        memory_how = library_memory.how
         need = reference_graph_gib(clip, reference_prompts(name, args.samples, args.buffer_size), args.classes,
                                    plain.context_length)
-        reference, reference_memory = None, PeakMemory(device)
-        if need <= budget:
-            with reference_memory:
-                reference = run_reference(name, plain, tuning, images, device, args.buffer_size)
+        library, reference = compare_method(
+            name, specs[name], text, plain, tuning, cache, ids, images, warmup, device, args.buffer_size,
+            with_reference=need <= budget,
+        )
+        memory_how = library["memory_how"]
         row = {
             "method": name,
             "library_ms": _ms(library["seconds"]),
@@ -632,8 +670,8 @@ def main(argv=None) -> dict:
             "max_entropy_diff": (float(np.max(np.abs(np.subtract(library["entropy_after"],
                                                                  reference["entropy_after"]))))
                                  if reference else None),
-            "library_peak_mib": library_memory.peak_mib,
-            "reference_peak_mib": reference_memory.peak_mib if reference else None,
+            "library_peak_mib": library["peak_mib"],
+            "reference_peak_mib": reference["peak_mib"] if reference else None,
             "mean_selected": float(np.mean(library["n_selected"])) if name.startswith("dynaprompt") else None,
             "skipped": None if reference else f"reference graph needs ~{need:.0f} GiB > {budget:.0f} GiB free",
         }
@@ -643,6 +681,7 @@ def main(argv=None) -> dict:
             "reference_parts_ms": {k: 1000 * v / len(ids) for k, v in reference["parts"].items()} if reference else None,
             "library_seconds": library["seconds"], "reference_seconds": reference["seconds"] if reference else None,
             "library_preds": library["preds"], "reference_preds": reference["preds"] if reference else None,
+            "n_selected": library["n_selected"],
         }
         print(f"  {name}: library {row['library_ms']:.1f} ms/sample"
               + (f", reference {row['reference_ms']:.1f} ms/sample" if reference else f", reference {row['skipped']}"),
@@ -652,7 +691,7 @@ def main(argv=None) -> dict:
     if args.lockstep_orderings > 1:
         for name in [n for n in names if n in LOCKSTEP_METHODS]:
             lockstep.append(lockstep_comparison(name, specs[name], text, tuning, cache, ids, labels,
-                                                args.lockstep_orderings, args.seed, device))
+                                                args.lockstep_orderings, args.seed, device, args.lockstep_repeats))
 
     by_name = {row["method"]: row for row in rows}
     ratios = {}
@@ -674,13 +713,14 @@ def main(argv=None) -> dict:
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "memory_measure": memory_how,
         },
-        "cache_build_ms_per_sample": 1000 * cache_clock.parts["cache"] / len(ids),
+        "cache_build_ms_per_sample": 1000 * cache_clock.parts["cache"] / len(all_ids),
         "methods": rows,
         "parts": details,
         "dynaprompt_tpt_ratio": ratios,
         "lockstep": lockstep,
         "feature_cache": sweep_plans(args.params, tuning.steps),
         "wall_seconds": time.perf_counter() - started,
+        "load_average_start_end": [load_start, list(os.getloadavg()) if hasattr(os, "getloadavg") else None],
     }
     print(format_report(report))
     if args.out:
@@ -750,7 +790,10 @@ def format_report(report: dict) -> str:
             f"= {p['runs']} runs over {p['samples']} samples: cached {p['cached_passes']:,}, uncached "
             f"{p['uncached_passes']:,}, saved {p['saved_passes']:,} ({p['factor']:.0f}x fewer)"
         )
-    lines.append(f"\nbenchmark wall time {report['wall_seconds']:.0f} s")
+    load = report.get("load_average_start_end") or [None, None]
+    lines.append(f"\nbenchmark wall time {report['wall_seconds']:.0f} s; 1-min load average at start "
+                 f"{_fmt(load[0] and load[0][0], '.1f')}, at end {_fmt(load[1] and load[1][0], '.1f')} "
+                 f"({os.cpu_count()} CPUs)")
     return "\n".join(lines)
 
 

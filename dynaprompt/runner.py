@@ -5,6 +5,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -82,6 +83,15 @@ def open_named_dataset(settings: Settings, name: str) -> ManifestDataset:
     return open_dataset(name, spec, project_path(settings, "prepared"), settings.base_dir)
 
 
+def tuning_for(settings: Settings, dataset: str):
+    """The tuning config of a dataset: `datasets.<name>.lr` (3e-3 for the fine-grained sets) overrides the default."""
+    spec = settings.datasets.get(dataset)
+    if spec is None and dataset in settings.mixtures:
+        spec = settings.datasets.get(settings.mixtures[dataset]["members"][0], {})
+    lr = (spec or {}).get("lr")
+    return replace(settings.tuning, lr=float(lr)) if lr is not None else settings.tuning
+
+
 def views_for(settings: Settings, dataset: ManifestDataset):
     """The view config of a dataset: AugMix on for the fine-grained sets."""
     return replace(settings.views, augmix=bool(dataset.fine_grained))
@@ -107,6 +117,20 @@ def view_source_for(settings: Settings, dataset: ManifestDataset, clip: LoadedCl
     return cached or ImageViewSource(dataset, ViewEncoder(clip, views, amp=settings.tuning.amp))
 
 
+RESULT_CODE = ("methods", "objectives.py", "text.py", "orderings.py", "records.py")  # what computes the records
+
+
+def code_fingerprint() -> str:
+    """A hash of the library code that computes records: a bug fix there invalidates finished runs."""
+    package = Path(__file__).parent
+    files = sorted(f for name in RESULT_CODE for f in ([package / name] if name.endswith(".py")
+                                                       else (package / name).glob("*.py")))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_fingerprint(settings: Settings, dataset: str, method: str, ordering: str | None, clip: LoadedClip) -> str:
     """A hash of everything a run's records depend on; equal fingerprints mean the records can be reused.
 
@@ -120,6 +144,7 @@ def run_fingerprint(settings: Settings, dataset: str, method: str, ordering: str
         "method": lookup(settings.methods, method, "method"),
         "ordering": lookup(settings.orderings, ordering, "ordering") if ordering else {"kind": "natural"},
         "block_size": settings.block_size,
+        "code": code_fingerprint(),
     }
     relevant["model"].pop("device", None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -138,7 +163,7 @@ def run_one(
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
     source = feature_cache or view_source_for(settings, data, clip)
     text = build_text_encoder(clip, data.classnames, settings)
-    runner = build_method(method_spec, text, settings.tuning)
+    runner = build_method(method_spec, text, tuning_for(settings, dataset))
     records = run_stream(runner, stream, labels, source, progress=progress, desc=f"{dataset}/{method}/{ordering}")
     if "domain" in data.manifest.columns:
         records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))

@@ -686,10 +686,14 @@ def build_report(results_dir: Path, reports_dir: Path, params_dict: dict, valida
 
 
 def main() -> None:
-    reports_dir = path("reports")
+    reports_dir, params_dict = path("reports"), params()
     try:
-        metrics = build_report(path("results"), reports_dir, params(), path("validation"))
-    except (InvalidResults, ValueError) as error:
+        report_params(params_dict)  # a typo in `report:` stops the stage before any work
+    except ValueError as error:
+        fail(str(error))
+    try:
+        metrics = build_report(path("results"), reports_dir, params_dict, path("validation"))
+    except InvalidResults as error:
         fail(str(error))
     flagged = [f"{d}/{m}" for d, ms in metrics["datasets"].items() for m, v in ms.items() if v["collapsed"]]
     print(f"report: {metrics['runs']} runs -> {reports_dir / 'report.html'}; collapsed: {', '.join(flagged) or 'none'}")

@@ -24,6 +24,7 @@ from dynaprompt.runner import (
     open_named_dataset,
     run_fingerprint,
     run_stream,
+    tuning_for,
     view_source_for,
 )
 
@@ -73,8 +74,8 @@ def _execute(params_file: str, key: RunKey, stream_ordering: str | None):
                                                                                 "ordering")
     stream = order_samples(data.manifest, ordering_spec)
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    method = build_method(lookup(settings.methods, key.method, "method"), build_text_encoder(clip, data.classnames,
-                                                                                          settings), settings.tuning)
+    text = build_text_encoder(clip, data.classnames, settings)
+    method = build_method(lookup(settings.methods, key.method, "method"), text, tuning_for(settings, key.dataset))
     records = run_stream(method, stream, labels, view_source_for(settings, data, clip))
     if "domain" in data.manifest.columns:
         records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))

@@ -210,9 +210,9 @@ def test_scheduled_deployment_has_the_cron_and_parameters(real_prefect_server, i
         "from prefect.client.orchestration import get_client\n"
         "with get_client(sync_client=True) as c:\n"
         "    d = c.read_deployment_by_name('sweep/nightly')\n"
-        "    print(d.schedules[0].schedule.cron, d.parameters['params_file'])\n"
+        "    print(d.schedules[0].schedule.cron, d.parameters['params_file'], sep='|')\n"
     )
     read = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PREFECT_API_URL": real_prefect_server},
                           capture_output=True, text=True, timeout=60)
     assert read.returncode == 0, read.stderr[-3000:]
-    assert read.stdout.split() == ["15 2 * * *", str(params.resolve())]
+    assert read.stdout.strip().split("|") == ["15 2 * * *", str(params.resolve())]
