@@ -170,7 +170,8 @@ def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classname
         images = augment(pixels[batch], config, generator)
         batch_labels = labels[batch]
         styled = torch.rand(config.batch_size, generator=generator) < config.style_probability
-        style_of = torch.where(styled, torch.randint(0, len(style_names), (config.batch_size,), generator=generator), -1)
+        drawn_style = torch.randint(0, len(style_names), (config.batch_size,), generator=generator)
+        style_of = torch.where(styled, drawn_style, -1)
         for k, style in enumerate(style_names):
             chosen = style_of == k
             if chosen.any():
@@ -189,7 +190,7 @@ def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classname
         if step % 50 == 0 or step == config.steps - 1:
             curve.append({"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - start})
             log(f"pretrain step {step:4d}/{config.steps} loss {float(loss.detach()):.4f} "
-                f"logit_scale {float(model.logit_scale.exp()):.1f} ({time.perf_counter() - start:.0f}s)")
+                f"logit_scale {float(model.logit_scale.detach().exp()):.1f} ({time.perf_counter() - start:.0f}s)")
     model.eval().requires_grad_(False)
     return curve
 
@@ -206,5 +207,6 @@ def zero_shot_accuracy(clip, pixels: np.ndarray, labels: np.ndarray, classnames,
         images = torch.from_numpy(np.asarray(pixels[i : i + batch_size])).permute(0, 3, 1, 2).float() / 255
         images = TF.resize(images, [clip.image_size, clip.image_size], antialias=True)
         features = F.normalize(model.encode_image(normalize(images, clip.image_mean, clip.image_std)), dim=-1)
-        correct += int(((features @ text.t()).argmax(1) == torch.from_numpy(np.asarray(labels[i : i + batch_size]))).sum())
+        truth = torch.as_tensor(np.array(labels[i : i + batch_size]))
+        correct += int(((features @ text.t()).argmax(1) == truth).sum())
     return correct / len(pixels)

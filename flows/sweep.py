@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import flows  # noqa: F401  (offline Prefect/MLflow defaults before prefect is imported)
 import pandas as pd
 from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import flows  # noqa: F401  (offline Prefect/MLflow defaults before prefect is imported)
 from dynaprompt.config import load_params, settings_from_params
 from dynaprompt.methods import is_order_independent
 from dynaprompt.plan import RunKey, expand_plan
@@ -105,7 +105,7 @@ def runs_table(summaries: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["dataset", "method", "ordering"], ignore_index=True)
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep")
 def sweep(params_file: str = "params.yaml", address: str | None = None) -> dict:
     """Run every planned (dataset, method, ordering); skip the finished ones; log each to MLflow."""
     from tasks.gpu import gpu_concurrency_limit
@@ -147,7 +147,7 @@ def sweep(params_file: str = "params.yaml", address: str | None = None) -> dict:
         summaries.append(summary)
         tracker.log_run(summary, key.records_path(results))
         how = "reused" if summary["reused"] else f"{summary['wall_seconds']:.1f}s"
-        print(f"[{done}/{len(plan)}] {key.label} accuracy={summary['accuracy']:.4f} ({how})")
+        print(f"[{done}/{len(plan)}] {key.label} accuracy={summary['accuracy']:.4f} ({how})", flush=True)
 
     table = runs_table(summaries)
     table.to_parquet(results / "runs.parquet", index=False)

@@ -45,6 +45,7 @@ def main() -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         (output.parent / "SKIPPED").write_text(f"model.pretrained is {model.get('pretrained')!r}\n")
         write_json(metrics_file, {"skipped": True, "reason": f"model.pretrained is {model.get('pretrained')!r}"})
+        write_json(path("reports") / "pretrain_templates.json", {})
         print(f"pretrain skipped: model.pretrained names other weights ({model.get('pretrained')!r})")
         return
     torch.set_num_threads(pretrain_config.threads)

@@ -17,7 +17,6 @@ from dynaprompt.model import load_clip
 from dynaprompt.orderings import order_samples
 from dynaprompt.plan import RunKey
 from dynaprompt.records import summarize
-from tasks.gpu import gpu_slot
 from dynaprompt.runner import (
     build_text_encoder,
     lookup,
@@ -27,6 +26,7 @@ from dynaprompt.runner import (
     tuning_for,
     view_source_for,
 )
+from tasks.gpu import gpu_slot
 
 SHARED_ORDERING = "__natural__"  # order-independent methods run once, in manifest order, then get reordered
 

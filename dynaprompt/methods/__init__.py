@@ -53,7 +53,12 @@ def _templates(name):
         return list(OPENAI_IMAGENET_TEMPLATES)
     if isinstance(name, (list, tuple)) and all(isinstance(t, str) and "{}" in t for t in name):
         return list(name)
-    raise ValueError(f"templates must be null, 'openai_imagenet' or a list of strings with '{{}}', got {name!r}")
+    raise ValueError(
+        f"templates must be null, 'openai_imagenet' or a list of strings with '{{}}', got {name!r}"
+    )
 
 
-__all__ = ["METHOD_KINDS", "build_method", "is_order_independent", "DynaPrompt", "DynaPromptConfig", "OnlineTPT", "TPT", "Zero", "ZeroShot"]
+__all__ = [
+    "METHOD_KINDS", "build_method", "is_order_independent",
+    "DynaPrompt", "DynaPromptConfig", "OnlineTPT", "TPT", "Zero", "ZeroShot",
+]

@@ -194,7 +194,8 @@ class DynaPrompt:
         old_features = torch.stack([self.buffer[i].features for i in distinct])
         before = original_view_logits(view_features, old_features[mention_index], self.scale)
         contexts = torch.stack([self.buffer[i].context for i in distinct])
-        return TuningRequest(contexts, view_features, mention_index, state=(mentions, appended, deleted, distinct, before))
+        state = (mentions, appended, deleted, distinct, before)
+        return TuningRequest(contexts, view_features, mention_index, state=state)
 
     def _append_fresh(self) -> int:
         """A new prompt at v0, most recently used; returns its id."""
