@@ -458,48 +458,72 @@ class LibraryRunner:
             return method.finish(request, tuned, features)
 
 
+def _timed_call(runner, argument):
+    """Run one sample; its result, wall time and time per part."""
+    parts = dict(runner.clock.parts)
+    result = runner(argument)
+    delta = {k: v - parts.get(k, 0.0) for k, v in runner.clock.parts.items()}
+    return result, sum(delta.values()), delta
+
+
 def compare_method(name, spec, text, plain, tuning, cache, ids, images, warmup, device, buffer_size,
                    with_reference: bool, reference_samples: int | None = None) -> tuple[dict, dict | None]:
-    """Library and reference over the same stream, interleaved sample by sample so that load on the machine
-    hits both alike; each warmed up first on `warmup` (sample id, views) pairs, then reset. The reference only
-    runs on the first `reference_samples` samples (all by default)."""
+    """Library and reference over the same stream, sample by sample, each warmed up first on `warmup`
+    (sample id, views) pairs and then reset. The reference runs on the first `reference_samples` samples (all
+    by default).
+
+    Around each reference call the library runs twice, in two identical instances: one just before the
+    reference call and one just after it. A sample's library time is the faster of the two, so that a stall
+    left behind by the reference's multi-GiB autograd graph (seen on CPU after graphs of several GiB) is not
+    charged to the library; both instances must give the same outcome.
+    """
     library = LibraryRunner(spec, text, tuning, device)
+    twin = LibraryRunner(spec, text, tuning, device) if with_reference else None
     reference = build_plain(name, plain, tuning, Clock(device), buffer_size) if with_reference else None
-    library.reset()
-    if reference is not None:
-        reference.reset()
+    runners = [r for r in (library, twin, reference) if r is not None]
+    for runner in runners:
+        runner.reset()
     for sample_id, views in warmup:
         library(cache(sample_id))
         if reference is not None:
             reference(views)
-    library.clock.parts.clear()
-    library.reset()
-    if reference is not None:
-        reference.clock.parts.clear()
-        reference.reset()
-    lib = {"preds": [], "entropy_after": [], "seconds": [], "n_selected": [], "peak_mib": 0.0}
+    for runner in runners:
+        runner.clock.parts.clear()
+        runner.reset()
+    lib = {"preds": [], "entropy_after": [], "seconds": [], "n_selected": [], "peak_mib": 0.0,
+           "seconds_before_reference": [], "seconds_after_reference": [], "twin_mismatches": 0}
+    lib_parts: dict[str, float] = defaultdict(float)
     ref = {"preds": [], "entropy_after": [], "seconds": [], "peak_mib": 0.0} if reference is not None else None
     for index, (sample_id, views) in enumerate(zip(ids, images)):
         view_features = cache(sample_id)
-        before, memory = library.clock.total(), PeakMemory(device)
+        memory = PeakMemory(device)
         with memory:
-            outcome = library(view_features)
-        lib["seconds"].append(library.clock.total() - before)
+            outcome, seconds, parts = _timed_call(library, view_features)
         lib["peak_mib"] = max(lib["peak_mib"], memory.peak_mib)
+        lib["memory_how"] = memory.how
         lib["preds"].append(outcome.pred)
         lib["entropy_after"].append(outcome.entropy_after)
         lib["n_selected"].append(len(outcome.selected))
-        lib["memory_how"] = memory.how
-        if reference is None or (reference_samples is not None and index >= reference_samples):
-            continue
-        before, memory = reference.clock.total(), PeakMemory(device)
-        with memory:
-            pred, entropy_after = reference(views)
-        ref["seconds"].append(reference.clock.total() - before)
-        ref["peak_mib"] = max(ref["peak_mib"], memory.peak_mib)
-        ref["preds"].append(pred)
-        ref["entropy_after"].append(entropy_after)
-    lib["parts"] = dict(library.clock.parts)
+        lib["seconds_before_reference"].append(seconds)
+        if reference is not None and (reference_samples is None or index < reference_samples):
+            memory = PeakMemory(device)
+            with memory:
+                (pred, entropy_after), ref_seconds, _ = _timed_call(reference, views)
+            ref["seconds"].append(ref_seconds)
+            ref["peak_mib"] = max(ref["peak_mib"], memory.peak_mib)
+            ref["preds"].append(pred)
+            ref["entropy_after"].append(entropy_after)
+        if twin is not None:  # keeps in step with `library` on every sample
+            twin_outcome, twin_seconds, twin_parts = _timed_call(twin, view_features)
+            lib["seconds_after_reference"].append(twin_seconds)
+            if (twin_outcome.pred, twin_outcome.entropy_after) != (outcome.pred, outcome.entropy_after):
+                lib["twin_mismatches"] += 1
+            if twin_seconds < seconds:
+                seconds, parts = twin_seconds, twin_parts
+        lib["seconds"].append(seconds)
+        for k, v in parts.items():
+            lib_parts[k] += v
+    lib["parts"] = dict(lib_parts)
     if ref is not None:
         ref["parts"] = dict(reference.clock.parts)
     return lib, ref
@@ -694,6 +718,9 @@ def main(argv=None) -> dict:
             "library_seconds": library["seconds"], "reference_seconds": reference["seconds"] if reference else None,
             "library_preds": library["preds"], "reference_preds": reference["preds"] if reference else None,
             "n_selected": library["n_selected"],
+            "library_seconds_before_reference": library["seconds_before_reference"],
+            "library_seconds_after_reference": library["seconds_after_reference"],
+            "library_twin_mismatches": library["twin_mismatches"],
         }
         print(f"  {name}: library {row['library_ms']:.1f} ms/sample"
               + (f", reference {row['reference_ms']:.1f} ms/sample" if reference else f", reference {row['skipped']}"),

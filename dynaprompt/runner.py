@@ -150,6 +150,26 @@ def run_fingerprint(settings: Settings, dataset: str, method: str, ordering: str
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def execute(settings: Settings, clip: LoadedClip, dataset: str, method: str, ordering_spec: dict,
+            limit: int | None = None, feature_cache=None, progress: bool = False, desc: str = ""):
+    """Records of `method` over one ordering of `dataset`, and the method (for its final state)."""
+    data = open_named_dataset(settings, dataset)
+    stream = order_samples(data.manifest, ordering_spec)[:limit]
+    labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
+    source = feature_cache or view_source_for(settings, data, clip)
+    text = build_text_encoder(clip, data.classnames, settings)
+    runner = build_method(lookup(settings.methods, method, "method"), text, tuning_for(settings, dataset))
+    records = run_stream(runner, stream, labels, source, progress=progress, desc=desc)
+    if "domain" in data.manifest.columns:
+        records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))
+    return records, runner
+
+
+def final_state(runner) -> dict:
+    """What a method leaves at the end of a stream worth keeping in the summary (DynaPrompt's buffer)."""
+    return {"final_buffer": runner.final_buffer()} if hasattr(runner, "final_buffer") else {}
+
+
 def run_one(
     settings: Settings, dataset: str, method: str, ordering: str,
     limit: int | None = None, feature_cache=None, progress: bool = False, clip: LoadedClip | None = None,
@@ -158,18 +178,9 @@ def run_one(
     method_spec = lookup(settings.methods, method, "method")
     ordering_spec = lookup(settings.orderings, ordering, "ordering")
     clip = clip or load_clip(settings.model)
-    data = open_named_dataset(settings, dataset)
-    stream = order_samples(data.manifest, ordering_spec)[:limit]
-    labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    source = feature_cache or view_source_for(settings, data, clip)
-    text = build_text_encoder(clip, data.classnames, settings)
-    runner = build_method(method_spec, text, tuning_for(settings, dataset))
-    records = run_stream(runner, stream, labels, source, progress=progress, desc=f"{dataset}/{method}/{ordering}")
-    if "domain" in data.manifest.columns:
-        records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))
-    summary = summarize(records, settings.block_size)
-    if hasattr(runner, "final_buffer"):
-        summary["final_buffer"] = runner.final_buffer()
+    records, runner = execute(settings, clip, dataset, method, ordering_spec, limit, feature_cache, progress,
+                              desc=f"{dataset}/{method}/{ordering}")
+    summary = {**summarize(records, settings.block_size), **final_state(runner)}
     meta = {
         "dataset": dataset, "method": method, "method_kind": method_spec.get("kind"), "ordering": ordering,
         "ordering_kind": ordering_spec.get("kind"), "order_independent": bool(runner.order_independent),

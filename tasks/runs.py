@@ -12,20 +12,12 @@ import torch
 from prefect import task
 
 from dynaprompt.config import load_settings
-from dynaprompt.methods import build_method, is_order_independent
+from dynaprompt.methods import is_order_independent
 from dynaprompt.model import load_clip
 from dynaprompt.orderings import order_samples
 from dynaprompt.plan import RunKey
 from dynaprompt.records import summarize
-from dynaprompt.runner import (
-    build_text_encoder,
-    lookup,
-    open_named_dataset,
-    run_fingerprint,
-    run_stream,
-    tuning_for,
-    view_source_for,
-)
+from dynaprompt.runner import execute, final_state, lookup, open_named_dataset, run_fingerprint
 from tasks.gpu import gpu_slot
 
 SHARED_ORDERING = "__natural__"  # order-independent methods run once, in manifest order, then get reordered
@@ -69,18 +61,10 @@ def shared_key(key: RunKey) -> RunKey:
 def _execute(params_file: str, key: RunKey, stream_ordering: str | None):
     """Run the method over the ordering's stream (or the manifest order for a shared run)."""
     settings, clip = _settings(params_file), _clip(params_file)
-    data = open_named_dataset(settings, key.dataset)
     ordering_spec = {"kind": "natural"} if stream_ordering is None else lookup(settings.orderings, key.ordering,
                                                                                 "ordering")
-    stream = order_samples(data.manifest, ordering_spec)
-    labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    text = build_text_encoder(clip, data.classnames, settings)
-    method = build_method(lookup(settings.methods, key.method, "method"), text, tuning_for(settings, key.dataset))
-    records = run_stream(method, stream, labels, view_source_for(settings, data, clip))
-    if "domain" in data.manifest.columns:
-        records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))
-    extra = {"final_buffer": method.final_buffer()} if hasattr(method, "final_buffer") else {}
-    return records, extra
+    records, method = execute(settings, clip, key.dataset, key.method, ordering_spec)
+    return records, final_state(method)
 
 
 def reorder(shared: pd.DataFrame, stream: list[str]) -> pd.DataFrame:

@@ -17,6 +17,7 @@ def test_benchmark_main_on_the_tiny_config(tmp_path, capsys):
         assert row["identical"] == row["n"] == 3, name
         assert row["library_ms"] > 0 and row["reference_ms"] > 0 and row["speedup"] > 0
         assert row["max_entropy_diff"] < 1e-4
+        assert report["parts"][name]["library_twin_mismatches"] == 0
     assert {r["method"] for r in report["lockstep"]} == set(LOCKSTEP_METHODS)
     assert all(r["identical_predictions"] == r["samples_total"] == 9 for r in report["lockstep"])
     assert set(report["dynaprompt_tpt_ratio"]) >= {"dynaprompt/tpt library", "dynaprompt_official/tpt library"}
