@@ -78,14 +78,6 @@ class CachedViewSource:
                 progress.update(1)
         return cls(list(sample_ids), torch.stack(rows), device=source.encoder.clip.device)
 
-    def save(self, path: str | Path) -> None:
-        torch.save({"sample_ids": list(self.row), "features": self.features}, path)
-
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "CachedViewSource":
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(payload["sample_ids"], payload["features"], device=device)
-
 
 class FeatureStore:
     """A view-feature cache on disk: meta.json + chunk files; resumable, each chunk written atomically."""
