@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .config import load_settings
 from .model import WeightsNotFoundError
+from .results import ResultsLayout, RunKey, write_atomically
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,32 +15,40 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one method on one ordering of one dataset")
     run.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    run.add_argument("--dataset", required=True, help="a key of `datasets` in params")
-    run.add_argument("--method", required=True, help="a key of `methods` in params")
+    run.add_argument("--dataset", required=True, help="a key of `datasets` or `mixtures` in params")
+    run.add_argument("--method", required=True, help="a key of `methods` in params (or a derived variant)")
     run.add_argument("--ordering", required=True, help="a key of `orderings` in params")
-    run.add_argument("--limit", type=int, default=None, help="only the first N samples of the stream")
-    run.add_argument("--out", default=None, help="records file (.parquet); default results/runs/<d>/<m>/<o>.parquet")
+    run.add_argument("--limit", type=int, default=None,
+                     help="only the first N samples of the stream (needs --out: a partial run is not a result)")
+    run.add_argument("--out", default=None,
+                     help="records file (.parquet, summary next to it); default: the results folder of params")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def run_command(args) -> int:
-    from .runner import run_one
+    from .model import load_clip
+    from .runner import execute, store_run
 
     settings = load_settings(args.params)
-    result = run_one(
-        settings, args.dataset, args.method, args.ordering, limit=args.limit, progress=not args.no_progress
-    )
-    out = Path(args.out or Path("results/runs") / args.dataset / args.method / f"{args.ordering}.parquet")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.records.to_parquet(out, index=False)
-    out.with_suffix(".json").write_text(json.dumps({**result.meta, **result.summary}, indent=2))
-    s = result.summary
-    blocks = " ".join(f"{a:.3f}" for a in s["block_accuracy"])
-    print(
-        f"{args.dataset}/{args.method}/{args.ordering}: n={s['n']} accuracy={s['accuracy']:.4f} "
-        f"blocks[{s['block_size']}]=[{blocks}] {s['seconds_per_sample'] * 1000:.1f} ms/sample -> {out}"
-    )
+    key = RunKey(args.dataset, args.method, args.ordering)
+    settings.stream(key.dataset), settings.method(key.method), settings.ordering(key.ordering)  # names first
+    if args.limit is not None and args.out is None:
+        raise ValueError("--limit needs --out: a partial stream is not stored as the run's result")
+    clip = load_clip(settings.model)
+    if args.out is None:
+        layout = ResultsLayout(settings.path("results"))
+        summary, reused = store_run(settings, key, clip, layout, progress=not args.no_progress)
+        target = layout.records(key)
+    else:
+        result = execute(settings, key, clip, limit=args.limit, progress=not args.no_progress)
+        target, summary, reused = Path(args.out), result.summary, False
+        write_atomically(result.records, target)
+        write_atomically(summary.to_json(), target.with_suffix(".json"))
+    blocks = " ".join(f"{a:.3f}" for a in summary.block_accuracy)
+    how = "reused, same fingerprint" if reused else f"{summary.seconds_per_sample * 1000:.1f} ms/sample"
+    print(f"{key.label}: n={summary.n} accuracy={summary.accuracy:.4f} blocks[{summary.block_size}]=[{blocks}] "
+          f"({how}) -> {target}")
     return 0
 
 
@@ -48,9 +56,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run_command(args)
-    except (WeightsNotFoundError, FileNotFoundError, KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"dynaprompt: error: {message}", file=sys.stderr)
+    except (WeightsNotFoundError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"dynaprompt: error: {error}", file=sys.stderr)
         return 2
 
 

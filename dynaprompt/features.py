@@ -11,22 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import LoadedClip
+from .provenance import weights_fingerprint
 from .views import ViewConfig, ViewGenerator
 
 
-def weights_fingerprint(weights: str) -> str:
-    """Identifies weights: a file's name, size and the hash of its first MiB; else the random-init description."""
-    file = Path(weights)
-    if not file.is_file():
-        return weights
-    with file.open("rb") as handle:
-        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:16]
-    return f"{file.name}:{file.stat().st_size}:{head}"
-
-
 def cache_identity(clip: LoadedClip, arch: str, views: ViewConfig) -> dict:
-    """What a feature cache depends on: the image encoder and the views."""
-    return {"arch": arch, "weights": weights_fingerprint(clip.weights), "views": asdict(views)}
+    """What a feature cache depends on: the image encoder and the views (as JSON reads it back: lists, not tuples)."""
+    return json.loads(json.dumps({"arch": arch, "weights": weights_fingerprint(clip.weights), "views": asdict(views)}))
 
 
 class ViewEncoder:
@@ -69,14 +60,16 @@ class CachedViewSource:
         return self.features[self.row[sample_id]].to(self.device)
 
     @classmethod
-    def build(cls, source: ImageViewSource, sample_ids: list[str], progress=None) -> "CachedViewSource":
+    def build(cls, source: ImageViewSource, sample_ids: list[str]) -> "CachedViewSource":
         """Run `source` once per sample and keep the results."""
-        rows = []
-        for sample_id in sample_ids:
-            rows.append(source(sample_id).cpu())
-            if progress is not None:
-                progress.update(1)
+        rows = [source(sample_id).cpu() for sample_id in sample_ids]
         return cls(list(sample_ids), torch.stack(rows), device=source.encoder.clip.device)
+
+
+def views_id(views: ViewConfig) -> str:
+    """A folder name per view setting: 'crop-1a2b3c4d' or 'augmix-...' (a dataset may need both)."""
+    digest = hashlib.sha256(json.dumps(asdict(views), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{'augmix' if views.augmix else 'crop'}-{digest}"
 
 
 class FeatureStore:
@@ -84,6 +77,15 @@ class FeatureStore:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+
+    @classmethod
+    def for_views(cls, dataset_folder: str | Path, views: ViewConfig) -> "FeatureStore":
+        """The store of one dataset's features under one view setting."""
+        return cls(Path(dataset_folder) / views_id(views))
+
+    def is_complete(self) -> bool:
+        meta = self.read_meta()
+        return bool(meta and meta.get("complete"))
 
     @property
     def meta_file(self) -> Path:

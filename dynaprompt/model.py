@@ -8,6 +8,8 @@ from pathlib import Path
 import open_clip
 import torch
 
+from .blocks import use_lean_blocks
+
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _registered_config_paths: set[Path] = set()
@@ -43,10 +45,17 @@ class LoadedClip:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Map 'auto' to cuda when present, else cpu."""
+    """Map 'auto' to cuda when present, else cpu; a CUDA device that is not there is one clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise ValueError(f"model.device is {name!r} but torch sees {count} CUDA device(s) "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                             "set model.device to cpu or auto")
+    return device
 
 
 def register_arch(arch: str) -> str:
@@ -150,6 +159,7 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
         torch.manual_seed(spec.init_seed)
         model = open_clip.create_model(name, pretrained=weights, device=device, **_model_kwargs(extra))
     model.eval().requires_grad_(False)
+    use_lean_blocks(model)
     preprocess = getattr(model.visual, "preprocess_cfg", {})
     size = model.visual.image_size
     return LoadedClip(

@@ -9,7 +9,11 @@ import torch
 from .text import PromptTextEncoder
 
 
-@dataclass
+class NonFiniteError(ArithmeticError):
+    """A NaN or infinity where a run needs numbers (features, logits, loss, contexts)."""
+
+
+@dataclass(frozen=True)
 class TuningConfig:
     """The test-time optimisation of TPT and its successors; the `tuning:` block of params.yaml."""
 
@@ -19,7 +23,8 @@ class TuningConfig:
     weight_decay: float = 0.01
     steps: int = 1
     confident_ratio: float = 0.1  # keep round_down(ratio * n_views) lowest-entropy views
-    amp: bool = True  # autocast + gradient scaling, on GPU only
+    amp: bool = True  # autocast (fp16) + gradient scaling on GPU
+    amp_on_cpu: bool = False  # also on CPU, in bfloat16 (how the tests run the mixed-precision path)
     grad_scale_init: float = 1000.0
 
 
@@ -52,15 +57,19 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_mean.exp() * log_mean).sum(-1)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """fp16 autocast on GPU when asked; a no-op context elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+def uses_amp(device: torch.device, config: TuningConfig) -> bool:
+    return config.amp and (device.type == "cuda" or config.amp_on_cpu)
+
+
+def autocast(device: torch.device, config: TuningConfig):
+    """Autocast when mixed precision is on: fp16 on GPU, bfloat16 on CPU; a no-op context otherwise."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=uses_amp(device, config))
 
 
 def make_grad_scaler(device: torch.device, config: TuningConfig) -> torch.amp.GradScaler:
     """One scaler per method instance, carried across samples as TPT's code does."""
-    enabled = config.amp and device.type == "cuda"
-    return torch.amp.GradScaler(device.type, enabled=enabled, init_scale=config.grad_scale_init)
+    return torch.amp.GradScaler(device.type, enabled=uses_amp(device, config), init_scale=config.grad_scale_init)
 
 
 @dataclass
@@ -118,13 +127,21 @@ def tune_contexts(
     optimizer = make_optimizer([params], config)
     scale = text.logit_scale()
     for _ in range(config.steps):
-        with autocast(view_features.device, config.amp):
+        with autocast(view_features.device, config):
             loss = tuning_loss(text.encode(params), view_features, scale, config, mentions)
+        check_finite(loss, "loss")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return params.detach()
+    return check_finite(params.detach(), "tuned contexts")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`tensor`, or a NonFiniteError naming `what` (under fp16 a skipped step leaves the contexts finite)."""
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(what)
+    return tensor
 
 
 def tune_and_finish(method, view_features: torch.Tensor):
@@ -138,13 +155,13 @@ def tune_and_finish(method, view_features: torch.Tensor):
     tuned = tune_contexts(
         method.text, request.contexts, request.view_features, method.tuning, method.scaler, request.mentions
     )
-    return method.finish(request, tuned, encode_for_prediction(method.text, tuned, method.tuning.amp))
+    return method.finish(request, tuned, encode_for_prediction(method.text, tuned, method.tuning))
 
 
 @torch.no_grad()
-def encode_for_prediction(text: PromptTextEncoder, contexts: torch.Tensor, amp: bool) -> torch.Tensor:
+def encode_for_prediction(text: PromptTextEncoder, contexts: torch.Tensor, config: TuningConfig) -> torch.Tensor:
     """Text features [P, C, E] of tuned contexts, without grad, in fp32."""
-    with autocast(contexts.device, amp):
+    with autocast(contexts.device, config):
         return text.encode(contexts).float()
 
 

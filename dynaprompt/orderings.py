@@ -51,9 +51,9 @@ def cyclic(manifest: pd.DataFrame, block: int = 100, seed: int = 0) -> list[str]
 ORDERING_KINDS = {"natural": natural, "shuffle": shuffle, "class_blocked": class_blocked, "cyclic": cyclic}
 
 
-def order_samples(manifest: pd.DataFrame, spec: dict) -> list[str]:
-    """Apply an ordering given as data, e.g. {kind: shuffle, seed: 1}."""
-    options = dict(spec)
+def order_samples(manifest: pd.DataFrame, spec) -> list[str]:
+    """Apply an ordering given as data: an OrderingSpec, or a mapping such as {kind: shuffle, seed: 1}."""
+    options = dict(spec.as_dict() if hasattr(spec, "as_dict") else spec)
     kind = options.pop("kind", None)
     if kind not in ORDERING_KINDS:
         raise ValueError(f"ordering kind {kind!r} is not one of {sorted(ORDERING_KINDS)}")

@@ -1,55 +1,76 @@
-"""A sweep plan: datasets x methods x orderings, expanded from params, and where each run's files live."""
+"""A sweep plan: every run the params ask for, in groups, expanded once.
+
+    main         sweep.datasets x sweep.methods x sweep.orderings (cyclic orderings pair with mixtures only)
+    calibration  calibration.dataset x (reference + every calibrated method at every lr) x calibration.ordering
+    ablation     ablations.dataset x (references + base + its variants) x ablations.orderings
+    added        orderings from the registry (scheduled sweeps) x the order-dependent methods of `main`
+A run that two groups share (same dataset, method and ordering) is planned once, under the first group.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from .config import OrderingSpec, Settings
+from .results import RunKey
 
-from .config import Settings
-
-
-@dataclass(frozen=True, order=True)
-class RunKey:
-    """One run of a sweep."""
-
-    dataset: str
-    method: str
-    ordering: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.dataset}/{self.method}/{self.ordering}"
-
-    def records_path(self, results: Path) -> Path:
-        return Path(results) / "runs" / self.dataset / self.method / f"{self.ordering}.parquet"
-
-    def summary_path(self, results: Path) -> Path:
-        return self.records_path(results).with_suffix(".json")
+GROUPS = ("main", "calibration", "ablation", "added")
 
 
-def _names(requested, defined: dict, what: str) -> list[str]:
-    """The requested names (all defined ones when none are requested), each checked."""
-    names = list(requested) if requested else list(defined)
-    unknown = [n for n in names if n not in defined]
-    if unknown:
-        raise KeyError(f"sweep names {what} {unknown} that params does not define (defined: {sorted(defined)})")
-    return names
+def pairs(settings: Settings, dataset: str, kind: str) -> bool:
+    """Cyclic orderings need a mixture of domains, and a mixture is only used in recurring domain blocks."""
+    return (kind == "cyclic") == (dataset in settings.mixtures)
 
 
-def expand_plan(settings: Settings, sweep: dict | None = None) -> list[RunKey]:
-    """Every (dataset, method, ordering) of the sweep.
+def main_runs(settings: Settings) -> list[RunKey]:
+    sweep = settings.sweep
+    datasets = list(sweep.datasets or [*settings.datasets, *settings.mixtures])
+    methods = list(sweep.methods or [m for m, spec in settings.methods.items() if spec.derived_from is None])
+    orderings = list(sweep.orderings or settings.orderings)
+    return [RunKey(d, m, o) for d in datasets for m in methods for o in orderings
+            if pairs(settings, d, settings.ordering(o).kind)]
 
-    Cyclic orderings need a mixture of domains, and a mixture is only meaningful in recurring domain blocks:
-    they pair with each other only.
-    """
-    sweep = sweep or {}
-    datasets = _names(sweep.get("datasets"), {**settings.datasets, **settings.mixtures}, "datasets")
-    methods = _names(sweep.get("methods"), settings.methods, "methods")
-    orderings = _names(sweep.get("orderings"), settings.orderings, "orderings")
-    plan = []
-    for dataset in datasets:
-        is_mixture = dataset in settings.mixtures
-        for method in methods:
-            for ordering in orderings:
-                if (settings.orderings[ordering].get("kind") == "cyclic") == is_mixture:
-                    plan.append(RunKey(dataset, method, ordering))
-    return plan
+
+def calibration_runs(settings: Settings) -> list[RunKey]:
+    config = settings.calibration
+    if config.dataset is None:
+        return []
+    methods = [config.reference] + [m for m, spec in settings.methods.items() if spec.derived_from == "calibration"]
+    return [RunKey(config.dataset, m, config.ordering) for m in methods]
+
+
+def ablation_runs(settings: Settings) -> list[RunKey]:
+    config = settings.ablations
+    if config.dataset is None:
+        return []
+    methods = [*config.references, config.base] + [
+        m for m, spec in settings.methods.items() if spec.derived_from == "ablation"]
+    return [RunKey(config.dataset, m, o) for m in methods for o in config.orderings]
+
+
+def added_runs(settings: Settings, added: list[OrderingSpec]) -> list[RunKey]:
+    """The order-dependent main methods over registry orderings, on the main datasets they pair with."""
+    main = main_runs(settings)
+    datasets = list(dict.fromkeys(k.dataset for k in main))
+    methods = [m for m in dict.fromkeys(k.method for k in main) if not settings.method(m).order_independent]
+    return [RunKey(d, m, o.name) for o in added for d in datasets for m in methods if pairs(settings, d, o.kind)]
+
+
+def expand_plan(settings: Settings, added: list[OrderingSpec] = ()) -> list[tuple[RunKey, str]]:
+    """(run, group) for every planned run, each run once."""
+    groups = {"main": main_runs(settings), "calibration": calibration_runs(settings),
+              "ablation": ablation_runs(settings), "added": added_runs(settings, list(added))}
+    planned = {}
+    for group in GROUPS:
+        for key in groups[group]:
+            planned.setdefault(key, group)
+    return list(planned.items())
+
+
+def needed_views(settings: Settings, dataset: str) -> list:
+    """The view settings the planned runs see on `dataset` (directly or as a mixture member), its own first."""
+    from .config import dataset_views, method_views
+
+    views = [dataset_views(settings, dataset)]
+    for key, _ in expand_plan(settings):
+        members = settings.mixtures[key.dataset].members if key.dataset in settings.mixtures else (key.dataset,)
+        if dataset in members:
+            views.append(method_views(settings, settings.method(key.method), dataset))
+    return list({repr(v): v for v in views}.values())

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from .text import encode_tokens
+from .text import encode_tokens, end_of_text_positions, run_text_tower, text_tower, truncate_tokens
 
 SYNONYMS = {
     "t-shirt": ["t-shirt", "tee", "top", "tee shirt"],
@@ -39,46 +39,73 @@ TEMPLATES = [
     "fashion item: {}.", "a black and white photo of a {}.", "this is a {}.",
 ]
 
-# Caption prefix -> image style; applied together, with small probability, milder than the test corruptions.
+# Caption template -> image style: mild versions of the corruption families of the test streams (blur, noise,
+# pixelation, darkness). Applied together, image and caption, so the context words carry meaning.
 STYLES = {
     "blurry": "a blurry photo of a {}.",
+    "noisy": "a noisy photo of a {}.",
+    "pixelated": "a pixelated photo of a {}.",
     "dark": "a dark photo of a {}.",
-    "close-up": "a close-up photo of a {}.",
 }
+# Strength range per style, drawn uniformly per image: blur sigma (px at 32 px), noise std (of [0, 1] pixels),
+# pixelation factor (fraction of the side kept), brightness factor. All milder than the test corruptions
+# (defocus_blur-3: disk radius 6; gaussian_noise-3: std 0.18; pixelate-5: factor 0.25).
+STYLE_STRENGTHS = {"blurry": (0.6, 1.2), "noisy": (0.03, 0.08), "pixelated": (0.5, 0.6), "dark": (0.4, 0.6)}
 
-EVAL_TEMPLATES = TEMPLATES + list(STYLES.values()) + [
-    "a bright photo of a {}.", "a sharp photo of a {}.", "a photo of a large {}.",
-]
+UNSEEN_TEMPLATES = ["a bright photo of a {}.", "a sharp photo of a {}.", "a photo of a large {}."]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
     """The `pretrain:` block of params.yaml."""
 
+    output: str = "data/models/tiny-clip-fmnist.pt"  # the stage trains only when model.pretrained names this file
+    source: str = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist, or a folder of idx files
     steps: int = 800
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
     style_probability: float = 0.25  # chance that an image gets one of the styles (and its caption)
+    # class_and_style: a caption is a positive for an image when both class and style match, so "a noisy photo of
+    # a dress" is told apart from "a photo of a dress"; class: every caption of the class is a positive (then the
+    # text tower learns to ignore the context words: template accuracies within 0.3 points).
+    positives: str = "class_and_style"
     crop_scale: tuple[float, float] = (0.6, 1.0)
     brightness: float = 0.3  # brightness jitter +-
     seed: int = 0
     eval_samples: int = 2000  # test images for the metrics
     threads: int = 2
+    templates: tuple = tuple(TEMPLATES)  # unstyled captions
+    synonyms: dict = field(default_factory=lambda: dict(SYNONYMS))  # class name -> the words captions use
     styles: dict = field(default_factory=lambda: dict(STYLES))
+    style_strengths: dict = field(default_factory=lambda: {k: list(v) for k, v in STYLE_STRENGTHS.items()})
+
+    def __post_init__(self):
+        if self.positives not in ("class_and_style", "class"):
+            raise ValueError(f"pretrain.positives must be 'class_and_style' or 'class', got {self.positives!r}")
+        unknown = sorted(set(self.styles) - set(STYLE_STRENGTHS))
+        if unknown:
+            raise ValueError(f"pretrain.styles: no image op for {unknown} (known: {sorted(STYLE_STRENGTHS)})")
 
 
-def apply_style(images: torch.Tensor, style: str) -> torch.Tensor:
-    """The image side of a style caption, on float images [N, 3, H, W] in [0, 1]."""
+def apply_style(images: torch.Tensor, style: str, strength: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The image side of a style caption on float images [N, 3, H, W] in [0, 1]; `strength` [N] per image."""
     if style == "blurry":
-        return TF.gaussian_blur(images, kernel_size=3, sigma=0.7)
-    if style == "dark":
-        return images * 0.55
-    if style == "close-up":
+        return torch.stack([TF.gaussian_blur(image, kernel_size=5, sigma=float(s))
+                            for image, s in zip(images, strength)])
+    if style == "noisy":
+        noise = torch.randn(images.shape, generator=generator)
+        return (images + strength.view(-1, 1, 1, 1) * noise).clamp(0, 1)
+    if style == "pixelated":
         size = images.shape[-1]
-        crop = int(round(size * 0.75))
-        return TF.resize(TF.center_crop(images, [crop, crop]), [size, size], antialias=True)
+        out = torch.empty_like(images)
+        for k, (image, s) in enumerate(zip(images, strength)):
+            small = max(2, int(round(size * float(s))))
+            out[k] = F.interpolate(F.adaptive_avg_pool2d(image[None], small), size=size, mode="nearest")[0]
+        return out
+    if style == "dark":
+        return images * strength.view(-1, 1, 1, 1)
     raise ValueError(f"unknown style {style!r}")
 
 
@@ -102,25 +129,30 @@ def augment(images: torch.Tensor, config: PretrainConfig, generator: torch.Gener
     return (out * jitter).clamp(0, 1)
 
 
-def caption_bank(classnames, tokenizer, styles: dict):
-    """Tokens of every caption, with its class and its style (-1 for none)."""
-    texts, labels, style_ids = [], [], []
+def eval_templates(config: PretrainConfig) -> list[str]:
+    """The templates whose zero-shot spread measures how much wording matters: training, style and unseen ones."""
+    return list(config.templates) + list(config.styles.values()) + UNSEEN_TEMPLATES
+
+
+def caption_bank(classnames, tokenizer, config: PretrainConfig):
+    """Tokens of every caption, with its class and its pool: 0 the unstyled templates, 1..k the styles."""
+    texts, labels, pools = [], [], []
     for label, classname in enumerate(classnames):
-        for synonym in SYNONYMS.get(classname, [classname]):
-            for template in TEMPLATES:
-                texts.append(template.format(synonym)), labels.append(label), style_ids.append(-1)
-            for k, template in enumerate(styles.values()):
-                texts.append(template.format(synonym)), labels.append(label), style_ids.append(k)
-    return tokenizer(texts), torch.tensor(labels), torch.tensor(style_ids)
+        for synonym in config.synonyms.get(classname, [classname]):
+            for template in config.templates:
+                texts.append(template.format(synonym)), labels.append(label), pools.append(0)
+            for k, template in enumerate(config.styles.values()):
+                texts.append(template.format(synonym)), labels.append(label), pools.append(k + 1)
+    return tokenizer(texts), torch.tensor(labels), torch.tensor(pools)
 
 
-def caption_table(labels: torch.Tensor, styles: torch.Tensor, n_classes: int, n_styles: int):
-    """Caption ids per (class, style + 1) padded into one table, with the pool sizes, for vectorised draws."""
-    pools = [[torch.nonzero((labels == c) & (styles == s - 1)).flatten() for s in range(n_styles + 1)]
+def caption_table(labels: torch.Tensor, pool_ids: torch.Tensor, n_classes: int, n_pools: int):
+    """Caption ids per (class, pool) padded into one table, with the pool sizes, for vectorised draws."""
+    pools = [[torch.nonzero((labels == c) & (pool_ids == s)).flatten() for s in range(n_pools)]
              for c in range(n_classes)]
     width = max(len(p) for row in pools for p in row)
-    table = torch.zeros(n_classes, n_styles + 1, width, dtype=torch.long)
-    sizes = torch.zeros(n_classes, n_styles + 1, dtype=torch.long)
+    table = torch.zeros(n_classes, n_pools, width, dtype=torch.long)
+    sizes = torch.zeros(n_classes, n_pools, dtype=torch.long)
     for c, row in enumerate(pools):
         for s, pool in enumerate(row):
             table[c, s, : len(pool)], sizes[c, s] = pool, len(pool)
@@ -128,7 +160,10 @@ def caption_table(labels: torch.Tensor, styles: torch.Tensor, n_classes: int, n_
 
 
 def multi_positive_loss(image_features, text_features, labels, logit_scale) -> torch.Tensor:
-    """Symmetric contrastive loss where every caption of the image's class is a positive (uniform target)."""
+    """Symmetric contrastive loss where every caption with the image's label is a positive (uniform target).
+
+    `labels` [N] identify what makes a caption right for an image: the class, or the class and the style.
+    """
     logits = logit_scale * image_features @ text_features.t()
     positives = (labels[:, None] == labels[None, :]).float()
     targets = positives / positives.sum(1, keepdim=True)
@@ -149,6 +184,39 @@ def learning_rate(step: int, config: PretrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as open_clip's trainer makes them: no decay on gains, biases, embeddings and the temperature."""
+    exempt = lambda name, p: p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay}]
+
+
+class CaptionEncoder:
+    """The text tower over a fixed caption bank, training only the rows of the token table the bank uses.
+
+    The full table has 49,408 rows of which the captions use about a hundred; updating it densely at every
+    step cost a fifth of the step. The used rows are trained as a small table and written back at the end.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor):
+        self.tower = text_tower(model)
+        self.tokens = truncate_tokens(tokens)
+        self.vocabulary, compact = torch.unique(self.tokens, return_inverse=True)
+        self.compact_tokens = compact.view_as(self.tokens)
+        self.table = torch.nn.Parameter(self.tower.token_embedding.weight[self.vocabulary].detach().clone())
+        self.tower.token_embedding.weight.requires_grad_(False)
+
+    def __call__(self, captions: torch.Tensor) -> torch.Tensor:
+        """Unit-norm features of the captions with these bank indices."""
+        embedded = F.embedding(self.compact_tokens[captions], self.table)
+        return F.normalize(run_text_tower(self.tower, embedded, end_of_text_positions(self.tokens[captions])), dim=-1)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        self.tower.token_embedding.weight[self.vocabulary] = self.table
+
+
 def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classnames, config: PretrainConfig,
              log=print) -> list[dict]:
     """Train `clip.model` in place; returns the loss curve (every 50 steps)."""
@@ -156,12 +224,15 @@ def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classname
     model.train().requires_grad_(True)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    tokens, caption_labels, caption_styles = caption_bank(classnames, clip.tokenizer, config.styles)
     style_names = list(config.styles)
-    caption_pools, pool_size = caption_table(caption_labels, caption_styles, len(classnames), len(style_names))
+    tokens, caption_labels, caption_pool_ids = caption_bank(classnames, clip.tokenizer, config)
+    captions_encoder = CaptionEncoder(model, tokens)
+    caption_pools, pool_size = caption_table(caption_labels, caption_pool_ids, len(classnames), len(style_names) + 1)
     pixels = torch.from_numpy(np.asarray(train_pixels))
     labels = torch.from_numpy(np.asarray(train_labels))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay)
+    groups[0]["params"].append(captions_encoder.table)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     curve, start = [], time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
@@ -172,16 +243,19 @@ def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classname
         styled = torch.rand(config.batch_size, generator=generator) < config.style_probability
         drawn_style = torch.randint(0, len(style_names), (config.batch_size,), generator=generator)
         style_of = torch.where(styled, drawn_style, -1)
+        strength = torch.rand(config.batch_size, generator=generator)
         for k, style in enumerate(style_names):
             chosen = style_of == k
             if chosen.any():
-                images[chosen] = apply_style(images[chosen], style)
+                low, high = config.style_strengths[style]
+                images[chosen] = apply_style(images[chosen], style, low + (high - low) * strength[chosen], generator)
         pools, pool_sizes = caption_pools[batch_labels, style_of + 1], pool_size[batch_labels, style_of + 1]
         draw = (torch.rand(config.batch_size, generator=generator) * pool_sizes).long()
         captions = pools[torch.arange(config.batch_size), draw]
         image_features = F.normalize(model.encode_image(normalize(images, clip.image_mean, clip.image_std)), dim=-1)
-        text_features = F.normalize(encode_tokens(model, tokens[captions]), dim=-1)
-        loss = multi_positive_loss(image_features, text_features, batch_labels, model.logit_scale.exp())
+        text_features = captions_encoder(captions)
+        targets = batch_labels if config.positives == "class" else batch_labels * (len(style_names) + 1) + style_of + 1
+        loss = multi_positive_loss(image_features, text_features, targets, model.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -191,6 +265,7 @@ def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classname
             curve.append({"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - start})
             log(f"pretrain step {step:4d}/{config.steps} loss {float(loss.detach()):.4f} "
                 f"logit_scale {float(model.logit_scale.detach().exp()):.1f} ({time.perf_counter() - start:.0f}s)")
+    captions_encoder.write_back()
     model.eval().requires_grad_(False)
     return curve
 

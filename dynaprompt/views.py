@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,6 +22,7 @@ class ViewConfig:
 
     n_views: int = 64  # the original + 63 augmented views
     view_seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction of the random resized crop (torchvision's default)
     augmix: bool = False  # AugMix on top of crop+flip (TPT does it for the fine-grained sets)
     augmix_severity: int = 1
     augmix_width: int = 3  # number of chains
@@ -47,28 +48,32 @@ def _sign(generator: torch.Generator) -> int:
     return 1 if float(torch.rand((), generator=generator)) > 0.5 else -1
 
 
-def apply_augmix_op(name: str, image: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """One AugMix operation on a uint8 [3, H, W] image, strength drawn from `generator`."""
-    size = image.shape[-1]
+def apply_augmix_op(name: str, image: Image.Image, severity: int, generator: torch.Generator) -> Image.Image:
+    """One AugMix operation on a PIL image, as TPT's `augmix_ops` does it; strength drawn from `generator`.
+
+    Rotate, shear and translate resample bilinear; shear and translate are PIL affine maps, whose origin is the
+    top-left corner. Offsets scale with the image side (TPT's 224 px constant, generalised).
+    """
+    size = image.size[0]
     level = _level(generator, severity)
     if name == "autocontrast":
-        return TF.autocontrast(image)
+        return ImageOps.autocontrast(image)
     if name == "equalize":
-        return TF.equalize(image)
+        return ImageOps.equalize(image)
     if name == "posterize":
-        return TF.posterize(image, 4 - int(level * 4 / 10))
+        return ImageOps.posterize(image, 4 - int(level * 4 / 10))
     if name == "solarize":
-        return TF.solarize(image, 256 - int(level * 256 / 10))
+        return ImageOps.solarize(image, 256 - int(level * 256 / 10))
     if name == "rotate":
-        return TF.rotate(image, _sign(generator) * int(level * 30 / 10))
+        return image.rotate(_sign(generator) * int(level * 30 / 10), resample=Image.BILINEAR)
     if name in ("shear_x", "shear_y"):
-        shear = math.degrees(math.atan(_sign(generator) * level * 0.3 / 10))  # shear factor -> angle
-        shear_xy = [shear, 0.0] if name == "shear_x" else [0.0, shear]
-        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear_xy)
+        shear = _sign(generator) * level * 0.3 / 10
+        matrix = (1, shear, 0, 0, 1, 0) if name == "shear_x" else (1, 0, 0, shear, 1, 0)
+        return image.transform(image.size, Image.AFFINE, matrix, resample=Image.BILINEAR)
     if name in ("translate_x", "translate_y"):
         pixels = _sign(generator) * int(level * size / 3 / 10)
-        offset = [pixels, 0] if name == "translate_x" else [0, pixels]
-        return TF.affine(image, angle=0.0, translate=offset, scale=1.0, shear=[0.0, 0.0])
+        matrix = (1, 0, pixels, 0, 1, 0) if name == "translate_x" else (1, 0, 0, 0, 1, pixels)
+        return image.transform(image.size, Image.AFFINE, matrix, resample=Image.BILINEAR)
     raise ValueError(f"unknown AugMix operation {name!r}")
 
 
@@ -120,9 +125,11 @@ class ViewGenerator:
         return torch.stack(views)
 
     def _augmented_view(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        top, left, height, width = random_resized_crop_box(image.shape[-2], image.shape[-1], generator)
+        top, left, height, width = random_resized_crop_box(image.shape[-2], image.shape[-1], generator,
+                                                           scale=tuple(self.config.crop_scale))
+        # bilinear, as torchvision's RandomResizedCrop in TPT's `get_preaugment`
         cropped = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size],
-                                  interpolation=InterpolationMode.BICUBIC, antialias=True)
+                                  interpolation=InterpolationMode.BILINEAR, antialias=True)
         if float(torch.rand((), generator=generator)) < 0.5:
             cropped = TF.horizontal_flip(cropped)
         view = self.normalize(cropped)
@@ -138,12 +145,12 @@ class ViewGenerator:
         blend = float(torch.rand((), generator=generator))  # Beta(1, 1) is uniform on [0, 1]
         mixed = torch.zeros_like(view)
         for weight in chain_weights:
-            chained = cropped
+            chained = TF.to_pil_image(cropped)
             depth = int(torch.randint(1, cfg.augmix_max_depth + 1, (), generator=generator))
             for _ in range(depth):
                 op = AUGMIX_OPS[int(torch.randint(len(AUGMIX_OPS), (), generator=generator))]
                 chained = apply_augmix_op(op, chained, cfg.augmix_severity, generator)
-            mixed += weight * self.normalize(chained)
+            mixed += weight * self.normalize(TF.pil_to_tensor(chained))
         return blend * view + (1 - blend) * mixed
 
 

@@ -3,7 +3,10 @@
     prefect server start                                   # one terminal (or any Prefect server/Cloud)
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.schedule [--params params.yaml]
 
-The second command registers the deployment and serves it: each scheduled run executes the sweep here.
+The second command registers the deployment and serves it. Each scheduled run is exactly
+`python -m flows.sweep --add-orderings K` (K = sweep.schedule.add_orderings): it draws K new orderings of each
+order-dependent kind for the (dataset, method) pairs whose interval is still wider than
+sweep.schedule.target_half_width, and does nothing once every pair is on target.
 """
 from __future__ import annotations
 
@@ -12,22 +15,21 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect defaults)
-from dynaprompt.config import load_params
-from flows.sweep import sweep, sweep_config
+from dynaprompt.config import load_settings
+from flows.sweep import sweep
 
 
 def build_deployment(params_file: str = "params.yaml"):
-    """The sweep flow as a deployment: name and cron from params, the params file as its parameter."""
+    """The sweep flow as a deployment: name, cron and K from params; the params file and K as its parameters."""
     params_path = Path(params_file).resolve()
-    config = sweep_config(load_params(params_path))
-    schedule = config.schedule or {}
-    if not schedule.get("cron"):
+    schedule = load_settings(params_path).sweep.schedule
+    if not schedule.cron:
         raise ValueError(f"{params_path}: sweep.schedule.cron is not set")
     return sweep.to_deployment(
-        name=schedule.get("name", "robustness-sweep"),
-        cron=schedule["cron"],
-        parameters={"params_file": str(params_path)},
-        description="Sample-order robustness sweep of test-time prompt tuning methods",
+        name=schedule.name, cron=schedule.cron,
+        parameters={"params_file": str(params_path), "add_orderings": schedule.add_orderings},
+        description=(f"Sample-order robustness: {schedule.add_orderings} new orderings per kind per run until every "
+                     f"95% interval is within +-{schedule.target_half_width:g}"),
         tags=["dynaprompt", "robustness"],
     )
 

@@ -1,36 +1,25 @@
-"""What every stage script shares: the params file, the project's paths, one-line failures."""
+"""What every stage script shares: the params file, checked once, and one-line failures."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
-from dynaprompt.config import Settings, load_params, settings_from_params
+from dynaprompt.config import Settings, load_settings
+from dynaprompt.schema import ParamsError
 
 PARAMS_FILE = Path(os.environ.get("DYNAPROMPT_PARAMS", "params.yaml"))
-DEFAULT_PATHS = {
-    "prepared": "data/prepared",
-    "features": "data/features",
-    "models": "data/models",
-    "validation": "reports/validation",
-    "reports": "reports",
-    "results": "results",
-}
 
 
-def params() -> dict:
-    return load_params(PARAMS_FILE)
-
-
+@lru_cache(maxsize=1)
 def settings() -> Settings:
-    return settings_from_params(params(), base_dir=PARAMS_FILE.resolve().parent)
-
-
-def path(name: str) -> Path:
-    """A project path from `paths:` in params, relative to the params file's folder."""
-    configured = {**DEFAULT_PATHS, **(params().get("paths") or {})}
-    return PARAMS_FILE.resolve().parent / configured[name]
+    """params.yaml, checked (an unknown key or name stops the stage with one line naming it)."""
+    try:
+        return load_settings(PARAMS_FILE)
+    except (ParamsError, FileNotFoundError) as error:
+        fail(str(error))
 
 
 def write_json(target: Path, payload) -> None:
@@ -39,13 +28,6 @@ def write_json(target: Path, payload) -> None:
 
 
 def fail(message: str, code: int = 1):
-    """Stop the stage with one clear line on stderr (DVC then stops `dvc repro`)."""
+    """Stop the stage with one clear message on stderr (DVC then stops `dvc repro`)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def dataset_spec(name: str) -> dict:
-    datasets = params().get("datasets") or {}
-    if name not in datasets:
-        fail(f"dataset {name!r} is not defined in {PARAMS_FILE} (defined: {sorted(datasets)})")
-    return datasets[name]

@@ -1,35 +1,35 @@
 """embed@<dataset>: the frozen image encoder over the views of every sample, once -> data/features/<dataset>/.
 
-Chunked and resumable: re-running after an interruption encodes only the chunks not yet on disk.
+One cache per view setting the planned runs need on the dataset (a method may draw its own views: ZERO uses
+crop + flip where the dataset uses AugMix). Chunked and resumable: after an interruption only the chunks not yet
+on disk are encoded.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 
-from dynaprompt.datasets import load_prepared
-from dynaprompt.features import FeatureStore, ImageViewSource, ViewEncoder, cache_identity
+from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
 from dynaprompt.model import load_clip
+from dynaprompt.plan import needed_views
+from dynaprompt.runner import feature_store, open_stream
 
-from .common import dataset_spec, path, settings
+from .common import settings
 
 
 def main(name: str) -> None:
     config = settings()
-    spec = dataset_spec(name)
-    dataset = load_prepared(name, path("prepared") / name)
+    dataset = open_stream(config, name)
     clip = load_clip(config.model)
-    views = replace(config.views, augmix=bool(spec.get("augmix", dataset.fine_grained)))
-    source = ImageViewSource(dataset, ViewEncoder(clip, views, amp=config.tuning.amp))
-    identity = cache_identity(clip, config.model.arch, views)
-    start = time.perf_counter()
-    stats = FeatureStore(path("features") / name).build(
-        source, dataset.manifest["sample_id"].tolist(), identity, progress=True
-    )
-    seconds = time.perf_counter() - start
-    print(f"embedded {name}: {stats['encoded']} samples encoded, {stats['reused']} reused from an earlier "
-          f"run, {seconds:.1f}s ({1000 * seconds / max(1, stats['encoded']):.1f} ms/sample)")
+    for views in needed_views(config, name):
+        source = ImageViewSource(dataset, ViewEncoder(clip, views, amp=config.tuning.amp))
+        store = feature_store(config, name, views)
+        start = time.perf_counter()
+        stats = store.build(source, dataset.manifest["sample_id"].tolist(),
+                            cache_identity(clip, config.model.arch, views), progress=True)
+        seconds = time.perf_counter() - start
+        print(f"embedded {name} ({store.folder.name}): {stats['encoded']} samples encoded, {stats['reused']} "
+              f"reused, {seconds:.1f}s ({1000 * seconds / max(1, stats['encoded']):.1f} ms/sample)")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,19 @@ import sys
 from dynaprompt.datasets import EXPECTED, load_prepared
 
 from .checks import file_errors, manifest_expectations, run_suite, summarize_failures
-from .common import dataset_spec, fail, path, write_json
+from .common import fail, settings, write_json
 
 
-def expected_rows(spec: dict) -> int | None:
+def expected_rows(spec) -> int | None:
     """How many samples the dataset must have, where that is known."""
-    if spec.get("kind") == "fashion_mnist":
-        return spec.get("n_samples")
-    if spec.get("kind") in EXPECTED and spec.get("split", "test") == "test":
-        return EXPECTED[spec["kind"]][0]
-    return spec.get("expected_samples")
+    if spec.kind == "fashion_mnist":
+        return spec.options.get("n_samples")
+    if spec.kind in EXPECTED and spec.options.get("split", "test") == "test":
+        return EXPECTED[spec.kind][0]
+    return spec.expected_samples
 
 
-def validate(name: str, spec: dict, prepared_folder) -> dict:
+def validate(name: str, spec, prepared_folder) -> dict:
     """The validation report of one prepared dataset."""
     dataset = load_prepared(name, prepared_folder)
     table = dataset.manifest.copy()
@@ -32,8 +32,9 @@ def validate(name: str, spec: dict, prepared_folder) -> dict:
 
 
 def main(name: str) -> None:
-    report = validate(name, dataset_spec(name), path("prepared") / name)
-    target = path("validation") / f"{name}.json"
+    config = settings()
+    report = validate(name, config.datasets[name], config.path("prepared") / name)
+    target = config.path("validation") / f"{name}.json"
     write_json(target, report)
     if not report["success"]:
         fail(f"dataset {name!r} failed validation (report: {target}):\n{summarize_failures(report)}")

@@ -18,6 +18,7 @@ def configure_environment() -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "OMP_WAIT_POLICY": "PASSIVE",  # spinning OpenMP threads starve parallel runs (see dynaprompt/__init__.py)
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -1,9 +1,23 @@
-"""MLflow lineage: one parent run per sweep, one child run per (dataset, method, ordering)."""
+"""MLflow lineage: one parent run per sweep, one child run per computed (dataset, method, ordering).
+
+What a researcher sees in the UI:
+- the experiment opens on its runs (its kind is model training, not GenAI);
+- every result is logged once: a sweep that reuses a finished result logs no new run for it (the run that
+  computed it, found by its fingerprint, keeps standing for it); the parent counts what it computed and reused;
+- runs carry their real start and end times, the effective settings as params, the git commit, the sweep id,
+  the user, and the records and summary as artifacts;
+- the block metric is `accuracy_block<N>` (N = samples per block), one step per block, timestamped when the
+  block's last sample finished;
+- the parent holds per-method summary metrics; the report stage adds the report to it.
+"""
 from __future__ import annotations
 
+import getpass
+import subprocess
+import time
 from pathlib import Path
 
-from tasks.environment import configure_environment
+from tasks.environment import PROJECT_ROOT, configure_environment
 
 configure_environment()
 
@@ -11,10 +25,32 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+EXPERIMENT_DESCRIPTION = (
+    "Sample-order robustness of test-time prompt tuning of CLIP. Parent runs are sweeps; their children are "
+    "runs named dataset/method/ordering. Compare children on `accuracy` and on the per-block curve "
+    "`accuracy_block<N>` (one step = one block of N samples along the stream)."
+)
+
 
 def tracking_uri(db_file: Path) -> str:
     """sqlite URI with an absolute path (four slashes), as MLflow needs."""
     return f"sqlite:///{Path(db_file).resolve()}"
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """The checked-out commit (with '-dirty' when the work tree has changes), or None outside a repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def block_metric_name(block_size: int) -> str:
+    return f"accuracy_block{block_size}"
 
 
 class SweepTracker:
@@ -25,36 +61,82 @@ class SweepTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri(db_file))
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=Path(artifacts).resolve().as_uri()
-        )
+            experiment, artifact_location=Path(artifacts).resolve().as_uri())
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
         self.parent_id: str | None = None
+        self.common_tags: dict = {}
+        self.logged = self.logged_fingerprints()
 
-    def start_sweep(self, name: str, params: dict, tags: dict | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags or {})
+    def logged_fingerprints(self) -> dict:
+        """fingerprint -> run id of every run result already in the store."""
+        runs = self.client.search_runs([self.experiment_id], filter_string="tags.fingerprint != ''",
+                                       max_results=50000)
+        return {run.data.tags["fingerprint"]: run.info.run_id for run in runs}
+
+    def start_sweep(self, name: str, sweep_id: str, params: dict, description: str) -> str:
+        self.common_tags = {"sweep_id": sweep_id, "mlflow.user": getpass.getuser(),
+                            "mlflow.source.name": "flows/sweep.py", "mlflow.source.type": "LOCAL"}
+        commit = git_commit()
+        if commit:
+            self.common_tags["mlflow.source.git.commit"] = commit
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**self.common_tags, "kind": "sweep", "mlflow.note.content": description})
         self.parent_id = run.info.run_id
         self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return self.parent_id
 
-    def log_run(self, summary: dict, records_file: Path) -> str:
-        """A child run named dataset/method/ordering: params, accuracy, per-block accuracy by step, records."""
+    def log_run(self, summary: dict, records_file: Path, summary_file: Path) -> str | None:
+        """A child run for a computed result; None (nothing logged) when its fingerprint is already in the store."""
+        if summary["fingerprint"] in self.logged:
+            return None
         name = f"{summary['dataset']}/{summary['method']}/{summary['ordering']}"
-        tags = {"mlflow.parentRunId": self.parent_id, "reused": str(summary.get("reused", False)).lower()}
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        tags = {**self.common_tags, "mlflow.parentRunId": self.parent_id, "run_key": name, "kind": "run",
+                "fingerprint": summary["fingerprint"], "dataset": summary["dataset"], "method": summary["method"],
+                "ordering": summary["ordering"], "order_independent": str(summary["order_independent"]).lower(),
+                "mlflow.note.content": f"{summary['method']} ({summary['method_kind']}) on {summary['dataset']}, "
+                                       f"ordering {summary['ordering']} ({summary['ordering_kind']})"}
+        start_ms = int(summary["started_at"] * 1000)
+        run_id = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms,
+                                        tags=tags).info.run_id
         params = {k: summary[k] for k in ("dataset", "method", "method_kind", "ordering", "ordering_kind",
-                                          "block_size", "fingerprint", "weights") if k in summary}
-        metrics = [Metric("accuracy", summary["accuracy"], 0, 0), Metric("n", summary["n"], 0, 0),
-                   Metric("seconds_per_sample", summary["seconds_per_sample"], 0, 0)]
-        metrics += [Metric("block_accuracy", value, 0, step) for step, value in enumerate(summary["block_accuracy"])]
-        self.client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
-                              tags=[RunTag("run_key", name)])
+                                          "weights", "device")}
+        params.update(summary["settings"])
+        end_ms = int(summary["ended_at"] * 1000)
+        metrics = [Metric(k, float(summary[k]), end_ms, 0)
+                   for k in ("accuracy", "n", "seconds_per_sample", "wall_seconds")]
+        metrics += self.block_metrics(summary, records_file)
+        self.client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         self.client.log_artifact(run_id, str(records_file), artifact_path="records")
-        self.client.set_terminated(run_id)
+        self.client.log_artifact(run_id, str(summary_file), artifact_path="records")
+        self.client.set_terminated(run_id, end_time=end_ms)
+        self.logged[summary["fingerprint"]] = run_id
         return run_id
 
-    def end_sweep(self, status: str = "FINISHED", metrics: dict | None = None) -> None:
-        if metrics:
-            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    @staticmethod
+    def block_metrics(summary: dict, records_file: Path) -> list[Metric]:
+        """Accuracy per block, step = block index, timestamp = when the block's last sample finished."""
+        import pandas as pd
+
+        seconds = pd.read_parquet(records_file, columns=["seconds"])["seconds"].cumsum().to_numpy()
+        size, start, span = summary["block_size"], summary["started_at"], summary["wall_seconds"]
+        scale = span / seconds[-1] if len(seconds) and seconds[-1] > 0 else 0.0  # wall time includes I/O
+        name = block_metric_name(size)
+        ends = [seconds[min((step + 1) * size, len(seconds)) - 1] for step in range(len(summary["block_accuracy"]))]
+        return [Metric(name, float(value), int(1000 * (start + scale * end)), step)
+                for step, (value, end) in enumerate(zip(summary["block_accuracy"], ends))]
+
+    def end_sweep(self, status: str, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.set_terminated(self.parent_id, status=status)
 
 
-__all__ = ["SweepTracker", "mlflow", "tracking_uri"]
+def attach_report(db_file: Path, experiment: str, sweep_run_id: str, files: list[Path]) -> None:
+    """The report's files as artifacts of the sweep's parent run (called by the report stage)."""
+    client = MlflowClient(tracking_uri=tracking_uri(db_file))
+    for file in files:
+        client.log_artifact(sweep_run_id, str(file), artifact_path="report")
+
+
+__all__ = ["SweepTracker", "attach_report", "block_metric_name", "mlflow", "tracking_uri", "RunTag"]

@@ -1,9 +1,19 @@
-"""Shared fixtures: a tiny random-weight CLIP, a handful of images on disk, settings that point at them."""
+"""Shared fixtures: a tiny random-weight CLIP, a handful of images on disk, settings that point at them, and
+Prefect servers for the sweep tests."""
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dynaprompt.config import settings_from_params
@@ -11,6 +21,7 @@ from dynaprompt.model import ModelSpec, load_clip
 from dynaprompt.text import PromptTextEncoder
 
 CLASSNAMES = ["t-shirt", "trouser", "ankle_boot"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -90,3 +101,76 @@ def make_params(image_root, **overrides) -> dict:
 @pytest.fixture
 def settings(image_root):
     return settings_from_params(make_params(image_root))
+
+
+def sweep_params(image_root, tmp_path, **sweep_overrides):
+    """A params file for sweeps over two toy datasets and their mixture, results and MLflow under tmp_path."""
+    params = make_params(image_root)
+    params["views"] = {"n_views": 8, "view_seed": 0}
+    params["datasets"] = {"toy-a": {"kind": "image_folder", "root": str(image_root)},
+                          "toy-b": {"kind": "image_folder", "root": str(image_root)}}
+    params["mixtures"] = {"toy-mix": {"members": ["toy-a", "toy-b"]}}
+    params["methods"] = {"zero_shot": {"kind": "zero_shot"}, "tpt": {"kind": "tpt"},
+                         "online_tpt": {"kind": "online_tpt"}, "dynaprompt": {"kind": "dynaprompt", "buffer_size": 3}}
+    params["orderings"] = {"shuffle-0": {"kind": "shuffle", "seed": 0}, "shuffle-1": {"kind": "shuffle", "seed": 1},
+                           "cyclic-0": {"kind": "cyclic", "block": 2, "seed": 0}}
+    params["paths"] = {"results": str(tmp_path / "results"), "prepared": str(tmp_path / "prepared"),
+                       "features": str(tmp_path / "features")}
+    params["mlflow"] = {"db": str(tmp_path / "mlflow.db"), "artifacts": str(tmp_path / "mlartifacts"),
+                        "experiment": "test"}
+    params["sweep"] = {"runner": "thread", "workers": 2,
+                       "schedule": {"name": "nightly", "cron": "15 2 * * *", "add_orderings": 1,
+                                    "target_half_width": 0.0001}, **sweep_overrides}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def real_prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port: Dask workers reach it instead of starting their own."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 90
+    import urllib.request
+
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(server.pid, signal.SIGTERM)
+        pytest.fail("prefect server did not start")
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def run_cli(args, env_extra, timeout=600):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+

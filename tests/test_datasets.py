@@ -28,7 +28,7 @@ def make_wnid_tree(root, wnids, with_images=(0, 5)):
 
 def test_imagenet_labels_follow_the_synset_order(tmp_path):
     make_wnid_tree(tmp_path, synsets("imagenet"), with_images=(0, 999))
-    dataset = build_dataset("in", {"kind": "imagenet", "root": str(tmp_path)})
+    dataset = build_dataset("in", "imagenet", {"root": str(tmp_path)})
     assert len(dataset.classnames) == 1000 and dataset.classnames[0] == "tench"
     assert dataset.manifest["label"].tolist() == [0, 999]
     assert dataset.manifest["class_name"].tolist() == ["tench", "toilet paper"]
@@ -38,7 +38,7 @@ def test_imagenet_labels_follow_the_synset_order(tmp_path):
 def test_200_class_subsets_use_subset_labels_and_imagenet_names(tmp_path, kind):
     wnids = synsets(kind)
     make_wnid_tree(tmp_path, wnids, with_images=(0, 199))
-    dataset = build_dataset(kind, {"kind": kind, "root": str(tmp_path)})
+    dataset = build_dataset(kind, kind, {"root": str(tmp_path)})
     assert len(dataset.classnames) == 200
     assert dataset.manifest["label"].tolist() == [0, 199]
     all_wnids = synsets("imagenet")
@@ -51,21 +51,21 @@ def test_imagenet_v2_folder_names_are_class_indices_not_string_order(tmp_path):
         (tmp_path / str(i)).mkdir()
     save_image(tmp_path / "10" / "a.jpeg")
     save_image(tmp_path / "2" / "b.jpeg")
-    dataset = build_dataset("v2", {"kind": "imagenet_v2", "root": str(tmp_path)})
+    dataset = build_dataset("v2", "imagenet_v2", {"root": str(tmp_path)})
     labels = dict(zip(dataset.manifest["sample_id"], dataset.manifest["label"]))
     assert labels == {"10/a.jpeg": 10, "2/b.jpeg": 2}
 
 
 def test_imagenet_sketch_layout(tmp_path):
     make_wnid_tree(tmp_path, synsets("imagenet"), with_images=(3,))
-    dataset = build_dataset("sketch", {"kind": "imagenet_sketch", "root": str(tmp_path)})
+    dataset = build_dataset("sketch", "imagenet_sketch", {"root": str(tmp_path)})
     assert dataset.manifest["label"].tolist() == [3]
 
 
 def test_missing_class_folder_is_named(tmp_path):
     make_wnid_tree(tmp_path, synsets("imagenet_a")[1:])
     with pytest.raises(DatasetNotFoundError, match=synsets("imagenet_a")[0]):
-        build_dataset("a", {"kind": "imagenet_a", "root": str(tmp_path)})
+        build_dataset("a", "imagenet_a", {"root": str(tmp_path)})
 
 
 @pytest.mark.parametrize("kind", sorted(COOP_LAYOUTS))
@@ -78,11 +78,10 @@ def test_coop_split_files_give_test_samples_and_class_names(tmp_path, kind):
         for relative, _, _ in split:
             save_image(images / relative)
     (tmp_path / layout.split_file).write_text(json.dumps(entries))
-    dataset = build_dataset(kind, {"kind": kind, "root": str(tmp_path)})
+    dataset = build_dataset(kind, kind, {"root": str(tmp_path)})
     assert dataset.classnames == ["class a", "class b"]
     assert dataset.manifest["sample_id"].tolist() == ["cls_b/x.jpg", "cls_a/y.jpg"]
     assert dataset.manifest["label"].tolist() == [1, 0]
-    assert dataset.fine_grained
     assert dataset.load("cls_b/x.jpg").size == (8, 8)
 
 
@@ -91,7 +90,7 @@ def test_fgvc_aircraft_variant_lists(tmp_path):
     (tmp_path / "images_variant_test.txt").write_text("0001 F-16A/B\n0002 707-320\n")
     for image_id in ("0001", "0002"):
         save_image(tmp_path / "images" / f"{image_id}.jpg")
-    dataset = build_dataset("air", {"kind": "fgvc_aircraft", "root": str(tmp_path)})
+    dataset = build_dataset("air", "fgvc_aircraft", {"root": str(tmp_path)})
     assert dataset.classnames == ["707-320", "A300B4", "F-16A/B"]
     assert dataset.manifest["label"].tolist() == [2, 0]
 
@@ -100,7 +99,7 @@ def test_fgvc_aircraft_variant_lists(tmp_path):
 def test_missing_root_gives_one_clear_error(tmp_path, kind):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError) as error:
-        build_dataset("my_set", {"kind": kind, "root": str(missing)})
+        build_dataset("my_set", kind, {"root": str(missing)})
     assert "my_set" in str(error.value) and str(missing) in str(error.value)
 
 
@@ -142,9 +141,8 @@ def test_truncated_idx_file_is_named(tmp_path):
 
 
 def test_prepared_round_trip(fake_fmnist, tmp_path):
-    spec = {"kind": "fashion_mnist", "source": str(fake_fmnist), "n_samples": 10, "corruption": "pixelate",
-            "severity": 5}
-    dataset = build_dataset("fm", spec)
+    options = {"source": str(fake_fmnist), "n_samples": 10, "corruption": "pixelate", "severity": 5}
+    dataset = build_dataset("fm", "fashion_mnist", options)
     write_prepared(dataset, tmp_path / "prepared" / "fm")
     loaded = load_prepared("fm", tmp_path / "prepared" / "fm")
     assert loaded.classnames == dataset.classnames

@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dynaprompt.lockstep import run_lockstep, tune_contexts_lockstep
+from benchmarks.lockstep import run_lockstep, tune_contexts_lockstep
 from dynaprompt.methods import build_method
+from dynaprompt.methods.dynaprompt import Config as DynaPromptConfig
 from dynaprompt.objectives import TuningConfig, TuningRequest, make_grad_scaler, tune_contexts
 from dynaprompt.runner import run_stream
 
@@ -13,11 +14,11 @@ from .conftest import random_view_features
 
 TUNING = TuningConfig(lr=0.05)
 N_SAMPLES = 8
-SPECS = {
-    "tpt": {"kind": "tpt"},
-    "online_tpt": {"kind": "online_tpt"},
-    "dynaprompt": {"kind": "dynaprompt", "buffer_size": 3},
-    "dynaprompt_official": {"kind": "dynaprompt", "selection": "official", "buffer_size": 3},
+SPECS = {  # name -> (kind, config)
+    "tpt": ("tpt", None),
+    "online_tpt": ("online_tpt", None),
+    "dynaprompt": ("dynaprompt", DynaPromptConfig(buffer_size=3)),
+    "dynaprompt_official": ("dynaprompt", DynaPromptConfig(buffer_size=3, selection="official")),
 }
 
 
@@ -33,14 +34,17 @@ def stream():
 
 
 def one_by_one(spec, text, orderings, labels, source):
-    return [run_stream(build_method(spec, text, TUNING), order, labels, source) for order in orderings]
+    """`run_stream` over each ordering, a fresh method each."""
+    kind, config = spec
+    return [run_stream(build_method(kind, text, TUNING, config), order, labels, source) for order in orderings]
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_lockstep_gives_the_records_of_one_by_one(text, stream, name):
     orderings, labels, source = stream
     expected = one_by_one(SPECS[name], text, orderings, labels, source)
-    got = run_lockstep(SPECS[name], text, TUNING, orderings, labels, source)
+    kind, config = SPECS[name]
+    got = run_lockstep(kind, text, TUNING, config, orderings, labels, source)
     assert len(got) == len(orderings)
     for want, have in zip(expected, got):
         assert list(have.columns) == list(want.columns)
@@ -56,17 +60,18 @@ def test_lockstep_gives_the_records_of_one_by_one(text, stream, name):
 def test_lockstep_streams_of_different_lengths(text, stream):
     orderings, labels, source = stream
     short = [orderings[0], orderings[1][:3]]
-    got = run_lockstep(SPECS["online_tpt"], text, TUNING, short, labels, source)
+    got = run_lockstep("online_tpt", text, TUNING, None, short, labels, source)
     expected = one_by_one(SPECS["online_tpt"], text, short, labels, source)
     assert [len(r) for r in got] == [N_SAMPLES, 3]
     for want, have in zip(expected, got):
         assert have["pred"].tolist() == want["pred"].tolist()
 
 
-def test_methods_without_tuning_fall_back_to_one_by_one(text, stream):
+@pytest.mark.parametrize("kind", ["zero_shot", "tda"])
+def test_methods_without_tuning_fall_back_to_one_by_one(text, stream, kind):
     orderings, labels, source = stream
-    got = run_lockstep({"kind": "zero_shot"}, text, TUNING, orderings, labels, source)
-    expected = one_by_one({"kind": "zero_shot"}, text, orderings, labels, source)
+    got = run_lockstep(kind, text, TUNING, None, orderings, labels, source)
+    expected = one_by_one((kind, None), text, orderings, labels, source)
     for want, have in zip(expected, got):
         pd.testing.assert_frame_equal(have.drop(columns="seconds"), want.drop(columns="seconds"))
 

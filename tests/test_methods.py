@@ -3,13 +3,15 @@ import pandas as pd
 import pytest
 import torch
 
-from dynaprompt.config import settings_from_params
+from dynaprompt.config import resolve_run, settings_from_params
 from dynaprompt.datasets import build_dataset
 from dynaprompt.features import CachedViewSource, ImageViewSource, ViewEncoder
 from dynaprompt.methods import build_method
 from dynaprompt.methods.zero import zero_vote
 from dynaprompt.orderings import order_samples
-from dynaprompt.runner import build_text_encoder, run_one, run_stream
+from dynaprompt.results import RunKey
+from dynaprompt.runner import build_text_encoder, execute, run_stream
+from dynaprompt.schema import ParamsError
 
 from .conftest import make_params
 
@@ -20,7 +22,8 @@ ALL_METHODS = ["zero_shot", "zero_shot_ensemble", "tpt", "online_tpt", "dynaprom
 def toy(image_root, clip):
     """Settings, dataset, text encoder and a view-feature cache built once for the module."""
     settings = settings_from_params(make_params(image_root))
-    data = build_dataset("toy", settings.datasets["toy"])
+    spec = settings.datasets["toy"]
+    data = build_dataset("toy", spec.kind, spec.options)
     images = ImageViewSource(data, ViewEncoder(clip, settings.views))
     cache = CachedViewSource.build(images, data.manifest["sample_id"].tolist())
     text = build_text_encoder(clip, data.classnames, settings)
@@ -30,8 +33,10 @@ def toy(image_root, clip):
 
 def run(toy, method_name, ordering="natural", source=None):
     settings, data, images, cache, text, labels = toy
-    method = build_method(settings.methods[method_name], text, settings.tuning)
-    stream = order_samples(data.manifest, settings.orderings[ordering])
+    run_settings = resolve_run(settings, "toy", method_name)
+    method = build_method(settings.method(method_name).kind, text, run_settings.tuning, run_settings.options,
+                          run_settings.templates)
+    stream = order_samples(data.manifest, settings.ordering(ordering))
     return run_stream(method, stream, labels, source or cache)
 
 
@@ -89,13 +94,17 @@ def test_records_have_the_public_columns_and_one_row_per_sample(toy):
     assert (records["n_selected"] >= 1).all()
 
 
-def test_run_one_summarises_blocks_and_final_buffer(settings, clip):
-    result = run_one(settings, "toy", "dynaprompt", "shuffle-0", clip=clip)
-    assert result.summary["n"] == 12
-    assert len(result.summary["block_accuracy"]) == 3  # block_size 4
-    assert result.summary["accuracy"] == pytest.approx(result.records["correct"].mean())
-    assert 1 <= len(result.summary["final_buffer"]) <= 3
-    limited = run_one(settings, "toy", "tpt", "shuffle-0", clip=clip, limit=5)
+def test_execute_summarises_blocks_settings_and_final_buffer(settings, clip):
+    result = execute(settings, RunKey("toy", "dynaprompt", "shuffle-0"), clip)
+    summary = result.summary
+    assert summary.n == 12
+    assert len(summary.block_accuracy) == 3  # block_size 4
+    assert summary.accuracy == pytest.approx(result.records["correct"].mean())
+    assert 1 <= len(summary.final_state["final_buffer"]) <= 3
+    assert summary.settings["tuning.lr"] == 0.05 and summary.settings["method.buffer_size"] == 3
+    assert summary.settings["method.probdiff"] is None and summary.settings["run.threads"] == 1
+    assert summary.ended_at >= summary.started_at > 0
+    limited = execute(settings, RunKey("toy", "tpt", "shuffle-0"), clip, limit=5)
     assert len(limited.records) == 5
 
 
@@ -115,9 +124,11 @@ def test_zero_vote_majority_and_tie_break():
     assert zero_vote(tie, 0.2) == 2
 
 
-def test_unknown_method_parameter_is_named(toy):
-    settings, data, images, cache, text, labels = toy
-    with pytest.raises(ValueError, match="buffer_sise"):
-        build_method({"kind": "dynaprompt", "buffer_sise": 3}, text, settings.tuning)
-    with pytest.raises(ValueError, match="official"):
-        build_method({"kind": "dynaprompt", "selection": "official", "criteria": "entropy_only"}, text, settings.tuning)
+def test_unknown_method_parameter_is_named(image_root):
+    params = make_params(image_root)
+    params["methods"]["dynaprompt"] = {"kind": "dynaprompt", "buffer_sise": 3}
+    with pytest.raises(ParamsError, match="methods.dynaprompt.buffer_sise: unknown key 'buffer_sise'.*buffer_size"):
+        settings_from_params(params)
+    params["methods"]["dynaprompt"] = {"kind": "dynaprompt", "selection": "official", "criteria": "entropy_only"}
+    with pytest.raises(ParamsError, match="official"):
+        settings_from_params(params)

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,41 +14,9 @@ import yaml
 import flows  # noqa: F401  (offline Prefect defaults before prefect is imported)
 from dynaprompt.records import RECORD_COLUMNS
 
-from .conftest import make_params
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def sweep_params(image_root, tmp_path, **sweep_overrides):
-    params = make_params(image_root)
-    params["views"] = {"n_views": 8, "view_seed": 0}
-    params["datasets"] = {"toy-a": {"kind": "image_folder", "root": str(image_root)},
-                          "toy-b": {"kind": "image_folder", "root": str(image_root)}}
-    params["mixtures"] = {"toy-mix": {"members": ["toy-a", "toy-b"]}}
-    params["methods"] = {"zero_shot": {"kind": "zero_shot"}, "tpt": {"kind": "tpt"},
-                         "online_tpt": {"kind": "online_tpt"}, "dynaprompt": {"kind": "dynaprompt", "buffer_size": 3}}
-    params["orderings"] = {"shuffle-0": {"kind": "shuffle", "seed": 0}, "shuffle-1": {"kind": "shuffle", "seed": 1},
-                           "cyclic-0": {"kind": "cyclic", "block": 2, "seed": 0}}
-    params["paths"] = {"results": str(tmp_path / "results"), "prepared": str(tmp_path / "prepared"),
-                       "features": str(tmp_path / "features")}
-    params["mlflow"] = {"db": str(tmp_path / "mlflow.db"), "artifacts": str(tmp_path / "mlartifacts"),
-                        "experiment": "test"}
-    params["sweep"] = {"runner": "thread", "workers": 2, "threads_per_run": 1,
-                       "schedule": {"name": "nightly", "cron": "15 2 * * *"}, **sweep_overrides}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
+from .conftest import ROOT, run_cli, sweep_params
 
 N_RUNS = 2 * 4 * 2 + 1 * 4 * 1
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def results_of(tmp_path):
@@ -57,13 +24,22 @@ def results_of(tmp_path):
     return runs.sort_values(["dataset", "method", "ordering"], ignore_index=True)
 
 
+def mlflow_runs(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["test"], output_format="pandas")
+
+
 @pytest.mark.slow
 def test_sweep_writes_records_runs_table_and_mlflow_children(prefect_server, image_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
     from flows.sweep import run_sweep
 
     params = sweep_params(image_root, tmp_path)
     summary = run_sweep(str(params))
-    assert summary["runs"] == N_RUNS and summary["reused"] == 0
+    assert summary["runs"] == N_RUNS and summary["reused"] == 0 and summary["computed"] == N_RUNS
     runs = results_of(tmp_path)
     assert len(runs) == N_RUNS and runs["accuracy"].between(0, 1).all()
     assert set(runs.loc[runs["dataset"] == "toy-mix", "ordering"]) == {"cyclic-0"}
@@ -71,30 +47,44 @@ def test_sweep_writes_records_runs_table_and_mlflow_children(prefect_server, ima
     assert list(records.columns) == RECORD_COLUMNS + ["domain"] and len(records) == 24
     assert records["domain"].tolist()[:4] == ["toy-a", "toy-a", "toy-b", "toy-b"]
     plan = json.loads((tmp_path / "results/plan.json").read_text())["runs"]
-    assert len(plan) == N_RUNS
+    assert len(plan) == N_RUNS and {p["group"] for p in plan} == {"main"}
 
     # order-independent methods: computed once, the same prediction per sample under every ordering
     a = pd.read_parquet(tmp_path / "results/runs/toy-a/tpt/shuffle-0.parquet").set_index("sample_id").sort_index()
     b = pd.read_parquet(tmp_path / "results/runs/toy-a/tpt/shuffle-1.parquet").set_index("sample_id").sort_index()
     assert a["pred"].equals(b["pred"])
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    found = mlflow.search_runs(experiment_names=["test"], output_format="pandas")
+    found = mlflow_runs(tmp_path)
     children = found[found["tags.mlflow.parentRunId"].notna()]
     parents = found[found["tags.mlflow.parentRunId"].isna()]
     assert len(parents) == 1 and len(children) == N_RUNS
     assert set(children["tags.mlflow.runName"]) == {f"{d}/{m}/{o}" for d, m, o in runs[["dataset", "method",
                                                                                           "ordering"]].values}
     child = children[children["tags.mlflow.runName"] == "toy-a/dynaprompt/shuffle-0"].iloc[0]
-    history = mlflow.tracking.MlflowClient().get_metric_history(child["run_id"], "block_accuracy")
+    client = MlflowClient()
+    history = client.get_metric_history(child["run_id"], "accuracy_block4")
     assert [m.step for m in history] == [0, 1, 2]  # 12 samples, blocks of 4
+    run = client.get_run(child["run_id"])
+    assert history[0].timestamp >= run.info.start_time > 10 ** 12 and history[-1].timestamp <= run.info.end_time + 1
+    assert run.info.end_time > run.info.start_time
+    assert {"tuning.lr", "method.buffer_size", "method.selection", "views.n_views", "tuning.steps",
+            "tuning.confident_ratio", "views.view_seed", "run.threads", "method.criteria"} <= set(run.data.params)
+    assert run.data.params["tuning.lr"] == "0.05" and run.data.params["method.buffer_size"] == "3"
+    assert run.data.tags["sweep_id"] == parents.iloc[0]["tags.sweep_id"] and "fingerprint" in run.data.tags
+    assert run.data.tags.get("mlflow.user") and run.data.tags.get("mlflow.note.content")
+    experiment = client.get_experiment_by_name("test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.note.content" in experiment.tags
+    parent = client.get_run(parents.iloc[0]["run_id"])
+    assert parent.data.metrics["computed"] == N_RUNS and "mean_accuracy/toy-a/tpt" in parent.data.metrics
 
-    # a second sweep reuses every run
+    # a second sweep reuses every run and logs no new run for a result already logged
     again = run_sweep(str(params))
-    assert again["reused"] == N_RUNS
-    pd.testing.assert_frame_equal(results_of(tmp_path).drop(columns="reused"), runs.drop(columns="reused"))
+    assert again["reused"] == N_RUNS and again["computed"] == 0
+    pd.testing.assert_frame_equal(results_of(tmp_path), runs)
+    found = mlflow_runs(tmp_path)
+    assert found["tags.mlflow.parentRunId"].notna().sum() == N_RUNS
+    assert found["tags.mlflow.parentRunId"].isna().sum() == 2  # the second sweep's parent, with 0 computed
 
 
 @pytest.mark.slow
@@ -111,52 +101,11 @@ def test_resume_after_a_crash_recomputes_only_what_is_missing(prefect_server, im
     half = tmp_path / "results/runs/toy-a/online_tpt/shuffle-0"
     half.with_suffix(".json").unlink()
     half.with_suffix(".parquet").rename(half.with_name("shuffle-0.parquet.partial"))
-    run_sweep(str(params))
+    outcome = run_sweep(str(params))
+    assert outcome["computed"] == 2 and outcome["reused"] == N_RUNS - 2
     resumed = results_of(tmp_path)
-    recomputed = resumed.loc[~resumed["reused"], ["dataset", "method", "ordering"]].values.tolist()
-    assert sorted(recomputed) == [["toy-a", "online_tpt", "shuffle-0"], ["toy-b", "dynaprompt", "shuffle-1"]]
-    pd.testing.assert_frame_equal(resumed.drop(columns=["reused", "seconds_per_sample", "seconds_total"]),
-                                  reference.drop(columns=["reused", "seconds_per_sample", "seconds_total"]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def real_prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port: Dask workers reach it instead of starting their own."""
-    port = free_port()
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": ""}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 90
-    import urllib.request
-
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(server.pid, signal.SIGTERM)
-        pytest.fail("prefect server did not start")
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-
-
-def run_cli(args, env_extra, timeout=600):
-    env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    timing = ["seconds_per_sample", "seconds_total", "wall_seconds"]
+    pd.testing.assert_frame_equal(resumed.drop(columns=timing), reference.drop(columns=timing))
 
 
 @pytest.mark.slow
@@ -210,9 +159,29 @@ def test_scheduled_deployment_has_the_cron_and_parameters(real_prefect_server, i
         "from prefect.client.orchestration import get_client\n"
         "with get_client(sync_client=True) as c:\n"
         "    d = c.read_deployment_by_name('sweep/nightly')\n"
-        "    print(d.schedules[0].schedule.cron, d.parameters['params_file'], sep='|')\n"
+        "    print(d.schedules[0].schedule.cron, d.parameters['params_file'], d.parameters['add_orderings'], sep='|')\n"
     )
     read = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PREFECT_API_URL": real_prefect_server},
                           capture_output=True, text=True, timeout=60)
     assert read.returncode == 0, read.stderr[-3000:]
-    assert read.stdout.strip().split("|") == ["15 2 * * *", str(params.resolve())]
+    assert read.stdout.strip().split("|") == ["15 2 * * *", str(params.resolve()), "1"]
+
+
+@pytest.mark.slow
+def test_the_cli_and_the_sweep_give_the_same_records(prefect_server, image_root, tmp_path):
+    """An order-dependent run, 2 torch threads, through both entry points: identical records."""
+    from dynaprompt.cli import main as cli
+    from flows.sweep import run_sweep
+
+    params = sweep_params(image_root, tmp_path, datasets=["toy-a"], methods=["dynaprompt"], orderings=["shuffle-1"])
+    config = yaml.safe_load(params.read_text())
+    config["run"] = {"block_size": 4, "threads": 2}
+    params.write_text(yaml.safe_dump(config))
+    run_sweep(str(params))
+    assert cli(["run", "--params", str(params), "--dataset", "toy-a", "--method", "dynaprompt", "--ordering",
+                "shuffle-1", "--out", str(tmp_path / "cli.parquet"), "--no-progress"]) == 0
+    swept = pd.read_parquet(tmp_path / "results/runs/toy-a/dynaprompt/shuffle-1.parquet")
+    by_cli = pd.read_parquet(tmp_path / "cli.parquet")
+    pd.testing.assert_frame_equal(swept.drop(columns="seconds"), by_cli.drop(columns="seconds"))
+    summary = json.loads((tmp_path / "cli.json").read_text())
+    assert summary["settings"]["run.threads"] == 2

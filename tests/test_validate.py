@@ -4,8 +4,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dynaprompt.config import DatasetSpec, settings_from_params
 from dynaprompt.datasets import build_dataset, write_prepared
 from stages.validate import validate
+
+
+def spec(**pipeline_keys) -> DatasetSpec:
+    return DatasetSpec("pets", "image_folder", {}, **pipeline_keys)
 
 
 @pytest.fixture
@@ -16,7 +21,7 @@ def prepared(tmp_path):
         (root / name).mkdir(parents=True)
         for k in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * k, dtype=np.uint8)).save(root / name / f"{k}.png")
-    dataset = build_dataset("pets", {"kind": "image_folder", "root": str(root)})
+    dataset = build_dataset("pets", "image_folder", {"root": str(root)})
     folder = tmp_path / "prepared" / "pets"
     write_prepared(dataset, folder)
     return folder
@@ -34,14 +39,14 @@ def failures_by_type(report):
 
 
 def test_clean_dataset_passes(prepared):
-    report = validate("pets", {"kind": "image_folder"}, prepared)
+    report = validate("pets", spec(), prepared)
     assert report["success"], report
 
 
 def test_missing_file_is_named(prepared):
     manifest = pd.read_parquet(prepared / "manifest.parquet")
     (prepared.parent.parent / "raw" / manifest["sample_id"][1]).unlink()
-    failure = failures_by_type(validate("pets", {}, prepared))["expect_column_values_to_be_in_set"]
+    failure = failures_by_type(validate("pets", spec(), prepared))["expect_column_values_to_be_in_set"]
     assert failure["column"] == "file_error" and failure["sample_ids"] == [manifest["sample_id"][1]]
     assert "missing file" in failure["unexpected_values"][0]
 
@@ -51,7 +56,7 @@ def test_truncated_image_is_named(prepared):
     path = prepared.parent.parent / "raw" / manifest["sample_id"][4]
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:200])
-    failure = failures_by_type(validate("pets", {}, prepared))["expect_column_values_to_be_in_set"]
+    failure = failures_by_type(validate("pets", spec(), prepared))["expect_column_values_to_be_in_set"]
     assert failure["sample_ids"] == [manifest["sample_id"][4]]
     assert "undecodable" in failure["unexpected_values"][0]
 
@@ -62,7 +67,7 @@ def test_label_out_of_range_is_named(prepared):
         return manifest
 
     manifest = edit_manifest(prepared, bad_label)
-    failure = failures_by_type(validate("pets", {}, prepared))["expect_column_values_to_be_between"]
+    failure = failures_by_type(validate("pets", spec(), prepared))["expect_column_values_to_be_between"]
     assert failure["column"] == "label" and failure["unexpected_values"] == [7]
     assert failure["sample_ids"] == [manifest["sample_id"][2]]
 
@@ -73,7 +78,7 @@ def test_duplicate_sample_id_is_named(prepared):
         return manifest
 
     manifest = edit_manifest(prepared, duplicate)
-    failure = failures_by_type(validate("pets", {}, prepared))["expect_column_values_to_be_unique"]
+    failure = failures_by_type(validate("pets", spec(), prepared))["expect_column_values_to_be_unique"]
     assert failure["column"] == "sample_id"
     assert failure["unexpected_values"] == [manifest["sample_id"][0]] * 2
 
@@ -84,7 +89,7 @@ def test_empty_class_name_and_wrong_count_are_named(prepared):
         return manifest
 
     edit_manifest(prepared, blank)
-    failures = failures_by_type(validate("pets", {"expected_samples": 10}, prepared))
+    failures = failures_by_type(validate("pets", spec(expected_samples=10), prepared))
     assert failures["expect_column_values_to_match_regex"]["column"] == "class_name"
     assert failures["expect_table_row_count_to_equal"]["observed_value"] == 6
 
@@ -93,8 +98,9 @@ def test_stage_exits_nonzero_with_the_report(prepared, tmp_path, monkeypatch, ca
     import stages.validate as stage
 
     edit_manifest(prepared, lambda m: m.assign(label=m["label"].where(m.index != 0, -1)))
-    monkeypatch.setattr(stage, "dataset_spec", lambda name: {"kind": "image_folder"})
-    monkeypatch.setattr(stage, "path", lambda name: {"prepared": prepared.parent, "validation": tmp_path / "v"}[name])
+    params = {"datasets": {"pets": {"kind": "image_folder", "root": "raw"}},
+              "paths": {"prepared": str(prepared.parent), "validation": str(tmp_path / "v")}}
+    monkeypatch.setattr(stage, "settings", lambda: settings_from_params(params))
     with pytest.raises(SystemExit) as exit_info:
         stage.main("pets")
     assert exit_info.value.code == 1

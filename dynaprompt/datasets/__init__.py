@@ -36,41 +36,26 @@ EXPECTED = {
     "ucf101": (3783, 101),
 }
 
-# Keys of a dataset's params entry that configure the pipeline, not the adapter.
-PIPELINE_KEYS = ("augmix", "lr", "domain")
-
-
-def adapter_options(spec: dict) -> dict:
-    """The part of a dataset's params entry that the adapter takes."""
-    return {k: v for k, v in spec.items() if k not in PIPELINE_KEYS and k != "kind"}
-
-
-def build_dataset(name: str, spec: dict, base_dir: str | Path = ".") -> ManifestDataset:
-    """A dataset from its params entry, e.g. {kind: imagenet_a, root: /data/imagenet-a}."""
-    kind = spec.get("kind", "image_folder")
+def build_dataset(name: str, kind: str, options: dict, base_dir: str | Path = ".") -> ManifestDataset:
+    """A dataset from its adapter kind and options, e.g. imagenet_a with {root: /data/imagenet-a}."""
     if kind not in ADAPTERS:
         raise ValueError(f"dataset {name!r}: kind {kind!r} is not one of {sorted(ADAPTERS)}")
-    options = adapter_options(spec)
+    options = dict(options)
     for key in ("root", "source"):
         if key in options:
             options[key] = Path(base_dir) / Path(options[key]).expanduser()
-    dataset = ADAPTERS[kind](name, **options)
-    if "augmix" in spec:
-        dataset.fine_grained = bool(spec["augmix"])
-    return dataset
+    return ADAPTERS[kind](name, **options)
 
 
-def open_dataset(name: str, spec: dict, prepared_root: str | Path | None = None, base_dir=".") -> ManifestDataset:
+def open_dataset(name: str, kind: str, options: dict, prepared_root: str | Path | None = None,
+                 base_dir: str | Path = ".") -> ManifestDataset:
     """The prepared copy when the prepare stage has written one, else the adapter over the raw data."""
     if prepared_root is not None and (Path(prepared_root) / name / "manifest.parquet").is_file():
-        dataset = load_prepared(name, Path(prepared_root) / name)
-        if "augmix" in spec:
-            dataset.fine_grained = bool(spec["augmix"])
-        return dataset
-    return build_dataset(name, spec, base_dir)
+        return load_prepared(name, Path(prepared_root) / name)
+    return build_dataset(name, kind, options, base_dir)
 
 
 __all__ = [
-    "ADAPTERS", "EXPECTED", "MANIFEST_COLUMNS", "DatasetNotFoundError", "ManifestDataset", "adapter_options",
+    "ADAPTERS", "EXPECTED", "MANIFEST_COLUMNS", "DatasetNotFoundError", "ManifestDataset",
     "build_dataset", "load_prepared", "open_dataset", "write_prepared",
 ]

@@ -38,12 +38,10 @@ def image_files(folder: Path) -> list[Path]:
 class ManifestDataset:
     """Samples listed in a manifest; images read from `path`, or from `pixels[index]` for array datasets."""
 
-    def __init__(self, name: str, classnames: list[str], manifest: pd.DataFrame, fine_grained: bool = False,
-                 pixels: np.ndarray | None = None):
+    def __init__(self, name: str, classnames: list[str], manifest: pd.DataFrame, pixels: np.ndarray | None = None):
         self.name = name
         self.classnames = [c.replace("_", " ") for c in classnames]
         self.manifest = manifest.reset_index(drop=True)
-        self.fine_grained = fine_grained
         self.pixels = pixels
         self._row = {sample_id: i for i, sample_id in enumerate(self.manifest["sample_id"])}
 
@@ -70,25 +68,25 @@ def manifest_from_rows(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def folder_per_class(name: str, root: Path, class_dirs: list[Path], labels: list[int], classnames: list[str],
-                     fine_grained: bool = False) -> ManifestDataset:
+def folder_per_class(name: str, root: Path, class_dirs: list[Path], labels: list[int],
+                     classnames: list[str]) -> ManifestDataset:
     """Samples from `class_dirs[i]/<image>` with label `labels[i]`; sample ids are paths relative to `root`."""
     rows = [
         {"sample_id": str(f.relative_to(root)), "label": label, "class_name": classnames[label], "path": str(f)}
         for folder, label in zip(class_dirs, labels)
         for f in image_files(folder)
     ]
-    return ManifestDataset(name, classnames, manifest_from_rows(rows), fine_grained=fine_grained)
+    return ManifestDataset(name, classnames, manifest_from_rows(rows))
 
 
-def image_folder(name: str, root, fine_grained: bool = False) -> ManifestDataset:
+def image_folder(name: str, root) -> ManifestDataset:
     """`root/<class name>/<image>`; classes in sorted folder order."""
     root = require_dir(name, Path(root))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise DatasetNotFoundError(f"dataset {name!r}: no class folders under {root}")
     classnames = [d.name for d in class_dirs]
-    return folder_per_class(name, root, class_dirs, list(range(len(class_dirs))), classnames, fine_grained)
+    return folder_per_class(name, root, class_dirs, list(range(len(class_dirs))), classnames)
 
 
 def write_prepared(dataset: ManifestDataset, folder: Path) -> None:
@@ -96,7 +94,7 @@ def write_prepared(dataset: ManifestDataset, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     dataset.manifest.to_parquet(folder / "manifest.parquet", index=False)
     (folder / "classnames.txt").write_text("\n".join(dataset.classnames) + "\n")
-    (folder / "meta.json").write_text(json.dumps({"name": dataset.name, "fine_grained": dataset.fine_grained}))
+    (folder / "meta.json").write_text(json.dumps({"name": dataset.name}))
     if dataset.pixels is not None:
         np.save(folder / "pixels.npy", np.asarray(dataset.pixels))
 
@@ -106,10 +104,9 @@ def load_prepared(name: str, folder) -> ManifestDataset:
     folder = require_dir(name, Path(folder), "prepared folder (run `dvc repro` or the prepare stage)")
     manifest = pd.read_parquet(require_file(name, folder / "manifest.parquet", "manifest"))
     classnames = require_file(name, folder / "classnames.txt", "class list").read_text().splitlines()
-    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
     pixels_file = folder / "pixels.npy"
     pixels = np.load(pixels_file, mmap_mode="r") if pixels_file.is_file() else None
-    return ManifestDataset(name, classnames, manifest, fine_grained=meta.get("fine_grained", False), pixels=pixels)
+    return ManifestDataset(name, classnames, manifest, pixels=pixels)
 
 
 class MixtureDataset(ManifestDataset):
@@ -130,7 +127,7 @@ class MixtureDataset(ManifestDataset):
             frame["sample_id"] = member_name + "/" + frame["sample_id"].astype(str)
             frame["domain"] = member_name
             frames.append(frame)
-        super().__init__(name, first.classnames, pd.concat(frames, ignore_index=True), first.fine_grained)
+        super().__init__(name, first.classnames, pd.concat(frames, ignore_index=True))
         self.members = members
 
     def load(self, sample_id: str):

@@ -48,7 +48,7 @@ def coop_split(name: str, root, kind: str, image_dir: str | None = None, split_f
         {"sample_id": path, "label": int(label), "class_name": classname, "path": str(images / path)}
         for path, label, classname in splits[split]
     ]
-    return ManifestDataset(name, classnames, manifest_from_rows(rows), fine_grained=True)
+    return ManifestDataset(name, classnames, manifest_from_rows(rows))
 
 
 def fgvc_aircraft(name: str, root, split: str = "test") -> ManifestDataset:
@@ -67,4 +67,4 @@ def fgvc_aircraft(name: str, root, split: str = "test") -> ManifestDataset:
             raise ValueError(f"dataset {name!r}: {listing} names variant {variant!r}, absent from {variants_file}")
         rows.append({"sample_id": f"{image_id}.jpg", "label": label_of[variant], "class_name": variant,
                      "path": str(root / "images" / f"{image_id}.jpg")})
-    return ManifestDataset(name, classnames, manifest_from_rows(rows), fine_grained=True)
+    return ManifestDataset(name, classnames, manifest_from_rows(rows))

@@ -28,27 +28,38 @@ from ..text import PromptTextEncoder
 CRITERIA = ("both", "entropy_only", "probdiff_only")
 
 
-@dataclass
-class DynaPromptConfig:
+@dataclass(frozen=True)
+class Config:
     """The `dynaprompt` method's parameters, ablations included."""
 
     buffer_size: int = 10  # M
     selection: str = "paper"  # paper | official
     criteria: str = "both"  # both | entropy_only | probdiff_only (paper rule only)
     append: bool = True  # False: the buffer stays at its first M prompts (no appending, no deletion)
-    probdiff: str = "logit"  # logit: max-logit difference | prob: softmax of the original's predicted class
+    entropy_margin: float = 0.0  # tau_h (paper rule): select m only if H[m] < H[v0] - tau_h; 0 is the paper's rule
+    probdiff_margin: float = 0.0  # tau_d (paper rule): select m only if D[m] > D[v0] + tau_d
+    probdiff: str | None = None  # prob: softmax of the original's predicted class (the paper's words, the default
+    #   of `paper`) | logit: max-logit difference (the authors' code, always used by `official`)
+
+    @property
+    def probdiff_kind(self) -> str:
+        """`probdiff`, or the rule's own default: probabilities for `paper`, logits for `official`."""
+        return self.probdiff or ("prob" if self.selection == "paper" else "logit")
 
     def __post_init__(self):
         if self.selection not in ("paper", "official"):
             raise ValueError(f"dynaprompt.selection must be 'paper' or 'official', got {self.selection!r}")
         if self.criteria not in CRITERIA:
             raise ValueError(f"dynaprompt.criteria must be one of {CRITERIA}, got {self.criteria!r}")
-        if self.probdiff not in ("logit", "prob"):
+        if self.probdiff not in (None, "logit", "prob"):
             raise ValueError(f"dynaprompt.probdiff must be 'logit' or 'prob', got {self.probdiff!r}")
         if self.buffer_size < 1:
             raise ValueError(f"dynaprompt.buffer_size must be >= 1, got {self.buffer_size}")
-        if self.selection == "official" and (self.criteria != "both" or self.probdiff != "logit"):
-            raise ValueError("the official selection rule has no criteria/probdiff ablations; use selection: paper")
+        paper_only = (self.criteria != "both" or self.probdiff_kind != "logit" or self.entropy_margin
+                      or self.probdiff_margin)
+        if self.selection == "official" and paper_only:
+            raise ValueError("the official selection rule has no criteria/probdiff/margin ablations; "
+                             "use selection: paper")
 
 
 @dataclass
@@ -66,6 +77,16 @@ def prompt_entropy(logits: torch.Tensor) -> torch.Tensor:
     return entropy(logits).mean(0)
 
 
+def official_prompt_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H[m] as the authors' code computes it (`l = x - logsumexp(x)`, `-(l * exp(l)).sum()`, mean over views).
+
+    The same value as `prompt_entropy` up to rounding; the rounding decides which of several fresh slots (exact
+    ties in the authors' code) `torch.topk` ranks first, so the official rule uses this form.
+    """
+    log_probs = logits.float() - logits.float().logsumexp(dim=-1, keepdim=True)
+    return (-(log_probs * log_probs.exp()).sum(dim=-1)).mean(0)
+
+
 def probability_difference(logits: torch.Tensor, kind: str = "logit") -> torch.Tensor:
     """D[m]: how much more confident prompt m is on the original view than on the augmented ones -> [P]."""
     if kind == "logit":
@@ -77,10 +98,11 @@ def probability_difference(logits: torch.Tensor, kind: str = "logit") -> torch.T
     return (of_predicted[:1] - of_predicted[1:]).mean(0)
 
 
-def select_paper(entropy_m, probdiff_m, entropy_v0, probdiff_v0, criteria="both") -> list[int]:
-    """S = {m : H[m] < H[v0] and D[m] > D[v0]} (or either criterion alone), as positions into the buffer."""
-    lower_entropy = entropy_m < entropy_v0
-    higher_probdiff = probdiff_m > probdiff_v0
+def select_paper(entropy_m, probdiff_m, entropy_v0, probdiff_v0, criteria="both", entropy_margin=0.0,
+                 probdiff_margin=0.0) -> list[int]:
+    """S = {m : H[m] < H[v0] - tau_h and D[m] > D[v0] + tau_d} (or either criterion alone), as buffer positions."""
+    lower_entropy = entropy_m < entropy_v0 - entropy_margin
+    higher_probdiff = probdiff_m > probdiff_v0 + probdiff_margin
     keep = {"both": lower_entropy & higher_probdiff, "entropy_only": lower_entropy, "probdiff_only": higher_probdiff}
     return keep[criteria].nonzero().flatten().tolist()
 
@@ -104,15 +126,17 @@ def select_official(entropy_m: torch.Tensor, probdiff_m: torch.Tensor, init: int
 class DynaPrompt:
     """Per sample: score the buffer, select (or append), tune the selected prompts, predict with them."""
 
+    Config = Config
     order_independent = False
+    uses_templates = False
 
-    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: DynaPromptConfig):
+    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config, templates=None):
         self.text = text
         self.tuning = tuning
         self.config = config
         self.scale = text.logit_scale().detach()
         self.scaler = make_grad_scaler(text.init_context.device, tuning)
-        self.v0_features = encode_for_prediction(text, text.init_context.unsqueeze(0), tuning.amp)[0]
+        self.v0_features = encode_for_prediction(text, text.init_context.unsqueeze(0), tuning)[0]
         self.reset()
 
     def reset(self) -> None:
@@ -154,14 +178,17 @@ class DynaPrompt:
     def _scores(self, features: torch.Tensor, view_features: torch.Tensor):
         """H and D of every prompt whose text features are stacked in `features` [P, C, E]."""
         logits = view_logits(view_features.float(), features, self.scale)
-        return prompt_entropy(logits), probability_difference(logits, self.config.probdiff)
+        ranking_entropy = official_prompt_entropy if self.config.selection == "official" else prompt_entropy
+        return ranking_entropy(logits), probability_difference(logits, self.config.probdiff_kind)
 
     def _select_paper(self, view_features):
         """Steps 1-5 of the paper: metrics for v0 and the buffer, selection, appending with LRU deletion."""
         ids = list(self.buffer)
         features = torch.stack([self.v0_features] + [self.buffer[i].features for i in ids])
         entropy_all, probdiff_all = self._scores(features, view_features)
-        chosen = select_paper(entropy_all[1:], probdiff_all[1:], entropy_all[0], probdiff_all[0], self.config.criteria)
+        config = self.config
+        chosen = select_paper(entropy_all[1:], probdiff_all[1:], entropy_all[0], probdiff_all[0], config.criteria,
+                              config.entropy_margin, config.probdiff_margin)
         mentions = [ids[position] for position in chosen]
         appended, deleted = [], []
         if not mentions:
@@ -228,3 +255,6 @@ class DynaPrompt:
     def final_buffer(self) -> list[dict]:
         """The buffer at the end of the stream, least recently selected first."""
         return [{"id": i, "uses": self.buffer[i].uses, "lru_rank": rank} for rank, i in enumerate(self.lru)]
+
+
+DynaPromptConfig = Config

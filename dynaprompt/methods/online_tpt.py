@@ -6,15 +6,17 @@ import torch
 from ..objectives import TuningConfig, TuningRequest, encode_for_prediction, make_grad_scaler, tune_and_finish
 from ..records import Outcome
 from ..text import PromptTextEncoder
-from .tpt import tpt_outcome, tpt_request
+from .tpt import Config, tpt_outcome, tpt_request
 
 
 class OnlineTPT:
     """One prompt carried along the stream; the optimiser state is still fresh for every sample."""
 
+    Config = Config
     order_independent = False
+    uses_templates = False
 
-    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig):
+    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config | None = None, templates=None):
         self.text = text
         self.tuning = tuning
         self.scale = text.logit_scale().detach()
@@ -24,7 +26,7 @@ class OnlineTPT:
     def reset(self) -> None:
         """Back to v0, at the start of a stream."""
         self.context = self.text.init_context.clone()
-        self.features = encode_for_prediction(self.text, self.context.unsqueeze(0), self.tuning.amp)[0]
+        self.features = encode_for_prediction(self.text, self.context.unsqueeze(0), self.tuning)[0]
 
     def begin(self, view_features: torch.Tensor) -> TuningRequest:
         return tpt_request(self.context, self.features, view_features, self.scale)

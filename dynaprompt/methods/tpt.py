@@ -1,6 +1,8 @@
 """TPT (Shu et al., NeurIPS 2022), episodic: reset to v0, one entropy step on the confident views, predict."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..objectives import (
@@ -31,17 +33,24 @@ def tpt_outcome(request: TuningRequest, tuned_features: torch.Tensor, scale) -> 
     )
 
 
+@dataclass(frozen=True)
+class Config:
+    """No options of its own: the step is the run's `tuning:`."""
+
+
 class TPT:
     """Every sample starts from v0: predictions do not depend on the order of the stream."""
 
+    Config = Config
     order_independent = True
+    uses_templates = False
 
-    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig):
+    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config | None = None, templates=None):
         self.text = text
         self.tuning = tuning
         self.scale = text.logit_scale().detach()
         self.scaler = make_grad_scaler(text.init_context.device, tuning)
-        self.v0_features = encode_for_prediction(text, text.init_context.unsqueeze(0), tuning.amp)[0]
+        self.v0_features = encode_for_prediction(text, text.init_context.unsqueeze(0), tuning)[0]
 
     def reset(self) -> None:
         """Episodic: there is no state between samples."""

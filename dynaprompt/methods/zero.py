@@ -1,11 +1,20 @@
 """ZERO (Farina et al., NeurIPS 2024): zero-temperature vote of the confident views, no training."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..objectives import entropy, n_confident, original_view_logits, view_logits
+from ..objectives import TuningConfig, entropy, n_confident, original_view_logits, view_logits
 from ..records import Outcome
 from ..text import PromptTextEncoder
+
+
+@dataclass(frozen=True)
+class Config:
+    """ZERO's one parameter, at its authors' setting (FarinaMatteo/zero: gamma = 0.3, 19 of 64 views)."""
+
+    confident_ratio: float = 0.3
 
 
 def zero_vote(logits: torch.Tensor, confident_ratio: float) -> int:
@@ -31,12 +40,17 @@ def zero_vote(logits: torch.Tensor, confident_ratio: float) -> int:
 
 
 class Zero:
-    """Augment, keep the confident views, vote with the temperature set to zero; v0 is never updated."""
+    """Augment, keep the confident views, vote with the temperature set to zero; v0 is never updated.
 
+    Its authors draw crop + flip views on every dataset, never AugMix: params give `zero` `views: {augmix: false}`.
+    """
+
+    Config = Config
     order_independent = True
+    uses_templates = False
 
-    def __init__(self, text: PromptTextEncoder, confident_ratio: float = 0.1):
-        self.confident_ratio = confident_ratio
+    def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config, templates=None):
+        self.confident_ratio = config.confident_ratio
         with torch.no_grad():
             self.text_features = text.encode(text.init_context.unsqueeze(0))
         self.scale = text.logit_scale().detach()

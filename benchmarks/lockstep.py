@@ -15,6 +15,10 @@ each method's `finish` then keeps its own results. Streams never mix:
 Records equal those of `runner.run_stream` per stream, up to float rounding of the batched passes (a larger
 batch can round differently in the last bit); `seconds` is each lockstep step's wall time shared evenly among
 the streams it advanced.
+
+Kept out of the package: only the benchmark and tests/test_lockstep.py use it. The sweep runs orderings one by
+one, since lockstep records differ in the last bits and a run's records must not depend on which other
+orderings share its batch.
 """
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .methods import build_method
-from .objectives import (
+from dynaprompt.methods import build_method
+from dynaprompt.objectives import (
     TuningConfig,
     TuningRequest,
     autocast,
@@ -34,11 +38,9 @@ from .objectives import (
     make_optimizer,
     tuning_loss,
 )
-from .records import make_record, records_frame
-from .runner import run_stream
-from .text import PromptTextEncoder
-
-LOCKSTEP_KINDS = ("tpt", "online_tpt", "dynaprompt")
+from dynaprompt.records import make_record, records_frame
+from dynaprompt.runner import run_stream
+from dynaprompt.text import PromptTextEncoder
 
 
 def tune_contexts_lockstep(
@@ -51,7 +53,7 @@ def tune_contexts_lockstep(
     scale = text.logit_scale()
     device = requests[0].view_features.device
     for _ in range(config.steps):
-        with autocast(device, config.amp):
+        with autocast(device, config):
             features = text.encode(torch.cat(params)).split(sizes)
             losses = [
                 tuning_loss(f, request.view_features, scale, config, request.mentions)
@@ -72,32 +74,29 @@ def lockstep_supported(method) -> bool:
 
 
 def run_lockstep(
-    method_spec: dict, text: PromptTextEncoder, tuning: TuningConfig, streams: list[list[str]], labels: dict,
+    kind: str, text: PromptTextEncoder, tuning: TuningConfig, config, streams: list[list[str]], labels: dict,
     view_source, progress: bool = False,
 ) -> list[pd.DataFrame]:
-    """Run the method of `method_spec` on every stream (e.g. orderings of one dataset) in lockstep.
-
-    One records table per stream, the same columns as `runner.run_stream`. Streams may differ in length: a
-    finished stream simply drops out. Methods without a tuning step (zero-shot, ZERO) run stream by stream.
-    """
-    methods = [build_method(method_spec, text, tuning) for _ in streams]
+    """`build_method(kind, text, tuning, config)` over every stream in lockstep; one records table per stream."""
+    # Streams may differ in length: a finished stream drops out. Methods without a tuning step (zero-shot,
+    # ZERO, the training-free peers) run stream by stream.
+    methods = [build_method(kind, text, tuning, config) for _ in streams]
     if not methods:
         return []
     if not lockstep_supported(methods[0]):
         return [run_stream(method, stream, labels, view_source) for method, stream in zip(methods, streams)]
     for method in methods:
         method.reset()
-    config, amp = methods[0].tuning, methods[0].tuning.amp
     records = [[] for _ in streams]
     length = max(len(stream) for stream in streams)
-    bar = tqdm(total=length, desc=f"lockstep {method_spec.get('kind')} x{len(streams)}", disable=not progress)
+    bar = tqdm(total=length, desc=f"lockstep {kind} x{len(streams)}", disable=not progress)
     for position in range(length):
         active = [k for k, stream in enumerate(streams) if position < len(stream)]
         view_features = {k: view_source(streams[k][position]) for k in active}
         start = time.perf_counter()
         requests = [methods[k].begin(view_features[k]) for k in active]
-        tuned = tune_contexts_lockstep(text, requests, config, [methods[k].scaler for k in active])
-        tuned_features = encode_for_prediction(text, torch.cat(tuned), amp).split([t.shape[0] for t in tuned])
+        tuned = tune_contexts_lockstep(text, requests, tuning, [methods[k].scaler for k in active])
+        tuned_features = encode_for_prediction(text, torch.cat(tuned), tuning).split([t.shape[0] for t in tuned])
         outcomes = [methods[k].finish(r, t, f) for k, r, t, f in zip(active, requests, tuned, tuned_features)]
         seconds = (time.perf_counter() - start) / len(active)
         for k, outcome in zip(active, outcomes):

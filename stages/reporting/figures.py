@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 KIND_ORDER = ["natural", "shuffle", "class_blocked", "cyclic"]  # ordering kinds, left to right
 
@@ -135,12 +136,26 @@ def domain_switches(records: pd.DataFrame) -> list[tuple[int, str]]:
     return [(int(records["position"].iloc[i]), domains[i]) for i in starts]
 
 
+def shade_domains(records: pd.DataFrame, axes) -> None:
+    """Cyclic streams: each domain's blocks shaded in its own colour, named once in a legend (no overlapping text)."""
+    switches = domain_switches(records)
+    if not switches:
+        return
+    colours = {d: f"C{i + 4}" for i, d in enumerate(dict.fromkeys(d for _, d in switches))}
+    ends = [s for s, _ in switches[1:]] + [int(records["position"].iloc[-1]) + 1]
+    for ax in axes:
+        for (start, domain), end in zip(switches, ends):
+            ax.axvspan(start, end, color=colours[domain], alpha=0.08, linewidth=0)
+    handles = [Patch(color=c, alpha=0.3, label=d) for d, c in colours.items()]
+    axes[-1].legend(handles=handles, loc="upper right", fontsize=7, frameon=False, title="domain", title_fontsize=7)
+
+
 def buffer_dynamics(panels: list[dict], target: Path, dpi: int) -> None:
-    """Per DynaPrompt run: buffer size and cumulative appends/deletions; selected ids over time; selections per id."""
+    """Per run with a buffer or memory: its size and cumulative appends/deletions; selected ids; selections per id."""
     if not panels:
         figure = Figure(figsize=(8, 2))
         FigureCanvasAgg(figure)
-        figure.text(0.5, 0.5, "No DynaPrompt runs in this sweep.", ha="center", va="center")
+        figure.text(0.5, 0.5, "No runs with a prompt buffer or a memory in this sweep.", ha="center", va="center")
         save(figure, target, dpi)
         return
     figure = Figure(figsize=(16, 3.4 * len(panels)))
@@ -150,7 +165,7 @@ def buffer_dynamics(panels: list[dict], target: Path, dpi: int) -> None:
         records = panel["records"].sort_values("position")
         position = records["position"].to_numpy()
         lines = size_ax.plot(position, records["buffer_size"], color="C0", label="buffer size")
-        size_ax.set_ylabel("prompts in buffer", color="C0")
+        size_ax.set_ylabel(panel.get("unit", "entries"), color="C0")
         size_ax.set_ylim(bottom=0)
         counts_ax = size_ax.twinx()
         lines += counts_ax.plot(position, np.cumsum([len(a) for a in records["appended"]]), color="C2",
@@ -176,10 +191,107 @@ def buffer_dynamics(panels: list[dict], target: Path, dpi: int) -> None:
         usage_ax.set_ylabel("selected prompt id")
         count_ax.set_xlabel("prompt id")
         count_ax.set_ylabel("times selected")
-        for switch, domain in domain_switches(records):
-            for ax in (size_ax, usage_ax):
-                ax.axvline(switch, color="0.4", linestyle=":", linewidth=0.8)
-            size_ax.annotate(domain, (switch, 0.97), xycoords=("data", "axes fraction"), xytext=(2, 0),
-                             textcoords="offset points", fontsize=7, va="top", ha="left", color="0.3")
+        shade_domains(records, (size_ax, usage_ax))
+    figure.tight_layout()
+    save(figure, target, dpi)
+
+
+def calibration_curve(rows: list[dict], reference: str, rms: float | None, target: Path, dpi: int) -> None:
+    """Accuracy gain over the reference against lr (log axis), one line per calibrated method."""
+    figure = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        mine = [r for r in rows if r["method"] == method]
+        ax.plot([r["lr"] for r in mine], [100 * r["gain"] for r in mine], marker="o", color=f"C{i}", label=method)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_xscale("log")
+    label = "learning rate" + (f" (RMS of v0's context coordinates: {rms:.3g})" if rms else "")
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"accuracy minus {reference} (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    figure.tight_layout()
+    save(figure, target, dpi)
+
+
+def buffer_size_curve(rows: list[dict], target: Path, dpi: int) -> None:
+    """Mean accuracy over orderings against the buffer size M, with the 95% interval."""
+    figure = Figure(figsize=(5.5, 3.8))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    if rows:
+        m = [r["M"] for r in rows]
+        mean = np.array([100 * r["mean"] for r in rows])
+        low = np.array([100 * (r["ci95"][0] if r["ci95"][0] is not None else r["mean"]) for r in rows])
+        high = np.array([100 * (r["ci95"][1] if r["ci95"][1] is not None else r["mean"]) for r in rows])
+        ax.errorbar(m, mean, yerr=[mean - low, high - mean], marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(m, [str(v) for v in m])
+    ax.set_xlabel("buffer size M")
+    ax.set_ylabel("accuracy (%), mean over orderings")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    save(figure, target, dpi)
+
+
+def margins_heatmap(rows: list[dict], target: Path, dpi: int) -> None:
+    """Mean accuracy over orderings for each (tau_h, tau_d) cell of the margin grid."""
+    figure = Figure(figsize=(5, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    taus_h = sorted({r["tau_h"] for r in rows})
+    taus_d = sorted({r["tau_d"] for r in rows})
+    grid = np.full((len(taus_h), len(taus_d)), np.nan)
+    for r in rows:
+        grid[taus_h.index(r["tau_h"]), taus_d.index(r["tau_d"])] = 100 * r["mean"]
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    for i in range(len(taus_h)):
+        for j in range(len(taus_d)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set_xticks(range(len(taus_d)), [f"{t:g}" for t in taus_d])
+    ax.set_yticks(range(len(taus_h)), [f"{t:g}" for t in taus_h])
+    ax.set_xlabel("probability-difference margin tau_d")
+    ax.set_ylabel("entropy margin tau_h")
+    figure.colorbar(image, ax=ax, label="accuracy (%)")
+    figure.tight_layout()
+    save(figure, target, dpi)
+
+
+def order_vs_chance(rows: list[dict], target: Path, dpi: int) -> None:
+    """Per dataset and method: the spread the order causes against the spread sampling alone would cause."""
+    figure = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [100 * (r["between_sd"] or 0) for r in rows], 0.4, label="between orderings (SD)")
+    ax.bar(x + 0.2, [100 * r["within_se"] for r in rows], 0.4, label="within a run (binomial SE)")
+    for i, r in enumerate(rows):
+        if r["p_value"] is not None and r["p_value"] < 0.05:
+            ax.annotate("*", (i - 0.2, 100 * (r["between_sd"] or 0)), ha="center", va="bottom")
+    ax.set_xticks(x, [f"{r['dataset']}\n{r['method']}" for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("accuracy points")
+    ax.legend(fontsize=8, frameon=False, title="* Cochran's Q p < 0.05", title_fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    save(figure, target, dpi)
+
+
+def evidence_growth(rows: list[dict], target_half_width: float, target: Path, dpi: int) -> None:
+    """The 95% interval's half-width against the number of orderings it rests on, per dataset and method."""
+    figure = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    for i, r in enumerate(rows):
+        points = [p for p in r["by_count"] if p["half_width"] is not None]
+        ax.plot([p["orderings"] for p in points], [100 * p["half_width"] for p in points], marker=".",
+                color=f"C{i % 10}", label=f"{r['dataset']} / {r['method']}")
+    ax.axhline(100 * target_half_width, color="k", linestyle="--", linewidth=0.8, label="target")
+    ax.set_xlabel("orderings")
+    ax.set_ylabel("95% interval half-width (points)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, frameon=False, ncol=2)
     figure.tight_layout()
     save(figure, target, dpi)

@@ -1,0 +1,95 @@
+"""What a run's records depend on: the one list of result-changing code, and the run fingerprint built on it.
+
+`RESULT_CODE` is every file whose edit can change a run's records (given the same features): a fix there
+changes every fingerprint, so finished runs are recomputed. `SWEEP_CODE` decides which runs a sweep makes and
+how it stores them, without changing any one run's records. The sweep stage in dvc.yaml depends on exactly
+these two lists (DVC cannot expand a list into `deps`, so tests/test_provenance.py holds dvc.yaml to them and
+checks that editing any listed file makes `dvc status` call the sweep changed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding dynaprompt/ (the repository root)
+
+RESULT_CODE = (
+    "dynaprompt/methods",
+    "dynaprompt/objectives.py",
+    "dynaprompt/text.py",
+    "dynaprompt/blocks.py",
+    "dynaprompt/orderings.py",
+    "dynaprompt/records.py",
+    "dynaprompt/runner.py",
+    "dynaprompt/config.py",
+)
+SWEEP_CODE = (
+    "dynaprompt/plan.py",
+    "dynaprompt/results.py",
+    "dynaprompt/provenance.py",
+    "flows/sweep.py",
+    "tasks",
+)
+
+
+def code_files(entries=RESULT_CODE, root: Path = PACKAGE_ROOT) -> list[Path]:
+    """The Python files of `entries` (files, or folders taken whole), sorted."""
+    files = []
+    for entry in entries:
+        path = root / entry
+        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
+    return files
+
+
+def code_fingerprint(root: Path = PACKAGE_ROOT) -> str:
+    """A hash of RESULT_CODE's files, by path and content."""
+    digest = hashlib.sha256()
+    for file in code_files(RESULT_CODE, root):
+        digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(weights: str) -> str:
+    """Identifies weights: a file's name, size and the hash of its first MiB; else the random-init description."""
+    file = Path(weights)
+    if not file.is_file():
+        return weights
+    with file.open("rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:16]
+    return f"{file.name}:{file.stat().st_size}:{head}"
+
+
+def run_fingerprint(settings, key, weights: str) -> str:
+    """A hash of everything a run's records depend on; equal fingerprints mean the records can be reused.
+
+    The ordering `__shared__` fingerprints the manifest-order run that order-independent methods share.
+    """
+    from .config import member_views, resolve_run
+    from .results import SHARED_ORDERING
+
+    run = resolve_run(settings, key.dataset, key.method)
+    method = settings.method(key.method)
+    stream = settings.stream(key.dataset)
+    members = getattr(stream, "members", ())
+    relevant = {
+        "model": {k: v for k, v in asdict(settings.model).items() if k != "device"},
+        "weights": weights_fingerprint(weights),
+        "prompt": asdict(settings.prompt),
+        "run": run.describe(),
+        "views": {m: asdict(v) for m, v in member_views(settings, key.dataset, key.method).items()},
+        "templates": run.templates,
+        "stream": _plain(stream),
+        "members": {m: _plain(settings.datasets[m]) for m in members},
+        "method_kind": method.kind,
+        "ordering": ({"kind": "natural"} if key.ordering == SHARED_ORDERING
+                     else settings.ordering(key.ordering).as_dict()),
+        "code": code_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _plain(spec) -> dict:
+    """A dataset or mixture spec as plain JSON-able data (its name excluded: renaming changes nothing)."""
+    return {k: dict(v) if hasattr(v, "items") else v for k, v in asdict(spec).items() if k != "name"}

@@ -1,0 +1,87 @@
+"""The orderings registry: orderings that scheduled sweeps drew, kept with the results (results/orderings.json).
+
+Each entry is reproducible by name and seed, says when and by which sweep it was added, and lists the runs
+(dataset, method) it was drawn for. An entry is `pending` from the moment it is drawn (written atomically before
+any of its runs start) until all its runs are finished; a sweep killed in between resumes its pending entries
+before it draws new ones, and new seeds are always above every seed any ordering of that kind has used, so a
+half-finished seed is never handed out twice.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import OrderingSpec, Settings, parse_ordering
+from .results import write_atomically
+
+ADDED_KINDS = ("shuffle", "class_blocked", "cyclic")  # the order-dependent kinds a scheduled sweep extends
+
+
+@dataclass
+class RegisteredOrdering:
+    """One drawn ordering and the runs it was drawn for."""
+
+    name: str
+    kind: str
+    seed: int
+    options: dict  # the ordering's other options (cyclic: block)
+    added_at: str
+    sweep_id: str
+    runs: list = field(default_factory=list)  # [dataset, method] pairs
+    status: str = "pending"  # pending | complete
+
+    @property
+    def spec(self) -> OrderingSpec:
+        return parse_ordering(self.name, {"kind": self.kind, "seed": self.seed, **self.options})
+
+
+class OrderingRegistry:
+    """results/orderings.json, read and written whole (it is small)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def entries(self) -> list[RegisteredOrdering]:
+        if not self.path.is_file():
+            return []
+        return [RegisteredOrdering(**entry) for entry in json.loads(self.path.read_text())["orderings"]]
+
+    def save(self, entries: list[RegisteredOrdering]) -> None:
+        write_atomically(json.dumps({"orderings": [asdict(e) for e in entries]}, indent=2), self.path)
+
+    def pending(self) -> list[RegisteredOrdering]:
+        return [e for e in self.entries() if e.status == "pending"]
+
+    def next_seed(self, settings: Settings, kind: str) -> int:
+        """One above every seed an ordering of `kind` has used, in params or in the registry."""
+        used = [o.seed or 0 for o in settings.orderings.values() if o.kind == kind]
+        used += [e.seed for e in self.entries() if e.kind == kind]
+        return max(used, default=-1) + 1
+
+    def draw(self, settings: Settings, kind: str, runs: list, sweep_id: str, options: dict | None = None
+             ) -> RegisteredOrdering:
+        """Register a new ordering of `kind` for `runs` ([dataset, method] pairs), pending until they finish."""
+        seed = self.next_seed(settings, kind)
+        entry = RegisteredOrdering(name=f"{kind}-{seed}", kind=kind, seed=seed, options=dict(options or {}),
+                                   added_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sweep_id=sweep_id,
+                                   runs=[list(r) for r in runs])
+        if entry.name in settings.orderings:
+            raise ValueError(f"ordering {entry.name!r} is already defined in params; rename it there")
+        self.save(self.entries() + [entry])
+        return entry
+
+    def complete(self, names: list[str]) -> None:
+        entries = self.entries()
+        for entry in entries:
+            if entry.name in names:
+                entry.status = "complete"
+        self.save(entries)
+
+
+def with_registered(settings: Settings, entries: list[RegisteredOrdering]) -> Settings:
+    """Settings whose orderings also hold the registered ones (runs look their ordering up by name)."""
+    from dataclasses import replace
+
+    return replace(settings, orderings={**settings.orderings, **{e.name: e.spec for e in entries}})

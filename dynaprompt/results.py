@@ -1,0 +1,190 @@
+"""A sweep's results on disk: the run key, the file layout under `results/`, the run summary, the runs table.
+
+Every entry point (the CLI, the sweep's task, the MLflow tracker, the report) reads and writes through this
+module; no other file spells a results path.
+
+    results/plan.json                                   the runs the params plan, with their group
+    results/sweep.json                                  the latest sweep's id and MLflow parent run
+    results/orderings.json                              orderings added by scheduled sweeps (the registry)
+    results/runs.parquet                                one row per finished run (RUN_COLUMNS)
+    results/runs/<dataset>/<method>/<ordering>.parquet  one row per test sample, in stream order
+    results/runs/<dataset>/<method>/<ordering>.json     the run's summary (RunSummary), written last
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+
+SHARED_ORDERING = "__shared__"  # an order-independent method's records in manifest order, reordered per ordering
+
+
+@dataclass(frozen=True, order=True)
+class RunKey:
+    """One run: a method over one ordering of one dataset (or mixture)."""
+
+    dataset: str
+    method: str
+    ordering: str
+
+    @property
+    def label(self) -> str:
+        """How a run is named everywhere: dataset/method/ordering."""
+        return f"{self.dataset}/{self.method}/{self.ordering}"
+
+    def shared(self) -> "RunKey":
+        """The manifest-order run an order-independent method computes once per dataset."""
+        return RunKey(self.dataset, self.method, SHARED_ORDERING)
+
+
+@dataclass
+class RunSummary:
+    """What a run is and what it measured; its JSON file marks the run finished."""
+
+    dataset: str
+    method: str
+    method_kind: str
+    ordering: str
+    ordering_kind: str
+    order_independent: bool
+    n: int
+    accuracy: float
+    block_size: int
+    block_accuracy: list
+    seconds_per_sample: float
+    seconds_total: float
+    fingerprint: str
+    weights: str = ""
+    device: str = "cpu"
+    wall_seconds: float = 0.0
+    started_at: float = 0.0  # unix time
+    ended_at: float = 0.0
+    settings: dict = field(default_factory=dict)  # the effective settings, flat (RunSettings.describe)
+    final_state: dict = field(default_factory=dict)  # what the method leaves at the end (DynaPrompt's buffer)
+
+    @property
+    def key(self) -> RunKey:
+        return RunKey(self.dataset, self.method, self.ordering)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSummary":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def row(self) -> dict:
+        """This run's row of the runs table."""
+        blocks = self.block_accuracy
+        return {**{c: getattr(self, c) for c in RUN_COLUMNS if hasattr(self, c)},
+                "first_block_accuracy": blocks[0] if blocks else math.nan,
+                "last_block_accuracy": blocks[-1] if blocks else math.nan}
+
+
+RUN_COLUMNS = [
+    "dataset", "method", "method_kind", "ordering", "ordering_kind", "order_independent", "n", "accuracy",
+    "block_size", "block_accuracy", "first_block_accuracy", "last_block_accuracy", "seconds_per_sample",
+    "seconds_total", "wall_seconds", "fingerprint",
+]
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Where everything under a results folder lives."""
+
+    root: Path
+
+    @property
+    def plan_file(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def runs_table(self) -> Path:
+        return self.root / "runs.parquet"
+
+    @property
+    def orderings_registry(self) -> Path:
+        return self.root / "orderings.json"
+
+    @property
+    def sweep_record(self) -> Path:
+        """The latest sweep: its id and its MLflow parent run (the report stage attaches the report there)."""
+        return self.root / "sweep.json"
+
+    def write_sweep_record(self, record: dict) -> None:
+        write_atomically(json.dumps(record, indent=2), self.sweep_record)
+
+    def read_sweep_record(self) -> dict | None:
+        return json.loads(self.sweep_record.read_text()) if self.sweep_record.is_file() else None
+
+    def records(self, key: RunKey) -> Path:
+        return self.root / "runs" / key.dataset / key.method / f"{key.ordering}.parquet"
+
+    def summary(self, key: RunKey) -> Path:
+        return self.records(key).with_suffix(".json")
+
+    def read_summary(self, key: RunKey) -> RunSummary | None:
+        """The run's summary when both its files exist, else None."""
+        summary, records = self.summary(key), self.records(key)
+        if not (summary.is_file() and records.is_file()):
+            return None
+        return RunSummary.from_json(summary.read_text())
+
+    def finished(self, key: RunKey, fingerprint: str) -> RunSummary | None:
+        """The run's summary when it finished with this fingerprint (same params, weights, code), else None."""
+        summary = self.read_summary(key)
+        return summary if summary is not None and summary.fingerprint == fingerprint else None
+
+    def read_records(self, key: RunKey) -> pd.DataFrame:
+        return pd.read_parquet(self.records(key))
+
+    def write_run(self, key: RunKey, records: pd.DataFrame, summary: RunSummary) -> None:
+        """Records first, the summary last: a run without its summary is not finished."""
+        write_atomically(records, self.records(key))
+        write_atomically(summary.to_json(), self.summary(key))
+
+    def summaries(self) -> list[RunSummary]:
+        """Every finished run under the folder (shared manifest-order runs excluded)."""
+        found = []
+        for file in sorted((self.root / "runs").glob("*/*/*.json")):
+            if file.stem != SHARED_ORDERING and file.with_suffix(".parquet").is_file():
+                found.append(RunSummary.from_json(file.read_text()))
+        return found
+
+    def write_plan(self, planned: list) -> None:
+        """planned: (RunKey, group) pairs."""
+        rows = [{**asdict(key), "group": group} for key, group in planned]
+        write_atomically(json.dumps({"runs": rows}, indent=2), self.plan_file)
+
+    def read_plan(self) -> pd.DataFrame:
+        rows = json.loads(self.plan_file.read_text()).get("runs", [])
+        return pd.DataFrame(rows, columns=["dataset", "method", "ordering", "group"])
+
+    def write_runs_table(self, summaries: list[RunSummary]) -> pd.DataFrame:
+        table = runs_table(summaries)
+        table.to_parquet(self.runs_table, index=False)
+        return table
+
+
+def runs_table(summaries: list[RunSummary]) -> pd.DataFrame:
+    """One row per run, RUN_COLUMNS, sorted by run key."""
+    table = pd.DataFrame([s.row() for s in summaries], columns=RUN_COLUMNS)
+    return table.sort_values(["dataset", "method", "ordering"], ignore_index=True)
+
+
+def write_atomically(content, target: Path) -> None:
+    """Write then rename, so a killed writer never leaves a file that looks finished."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    if isinstance(content, pd.DataFrame):
+        content.to_parquet(partial, index=False)
+    else:
+        partial.write_text(content)
+    os.replace(partial, target)

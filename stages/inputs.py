@@ -1,0 +1,50 @@
+"""inputs: a digest of the prepared data and features that the sweep and the testbed read -> data/inputs.json.
+
+DVC cannot list the datasets a sweep uses as its dependencies (they come from params), so this small stage
+depends on all of data/ and writes a digest of only the datasets in use; the sweep and the testbed depend on
+the digest. Adding an unrelated dataset reruns this stage in a second and leaves the digest, and so the sweep,
+unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dynaprompt.plan import expand_plan
+
+from .common import settings, write_json
+
+
+def folder_digest(folder: Path) -> str | None:
+    """sha256 over every file's relative path and content; None when the folder is missing."""
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def datasets_in_use(config) -> list[str]:
+    """Every dataset a planned run or the testbed reads, mixtures resolved to their members."""
+    streams = [key.dataset for key, _ in expand_plan(config)] + list(config.testbed.streams)
+    names = []
+    for stream in dict.fromkeys(streams):
+        names.extend(config.mixtures[stream].members if stream in config.mixtures else [stream])
+    return list(dict.fromkeys(names))
+
+
+def main() -> None:
+    config = settings()
+    digest = {name: {"prepared": folder_digest(config.path("prepared") / name),
+                     "features": folder_digest(config.path("features") / name)}
+              for name in datasets_in_use(config)}
+    write_json(config.base_dir / "data" / "inputs.json", digest)
+    print(f"inputs: {len(digest)} datasets in use: {', '.join(digest)}")
+
+
+if __name__ == "__main__":
+    main()

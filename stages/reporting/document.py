@@ -1,0 +1,91 @@
+"""The report, written once as Markdown; the HTML is converted from it (python-markdown), figures embedded."""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+FIGURES = {  # file -> what the figure shows (its alt text and caption)
+    "accuracy_per_block.png": "Accuracy per block along the stream: line = mean over orderings, band = min-max.",
+    "accuracy_by_ordering_kind.png": "Accuracy per ordering kind: bars are means over the orderings of a kind, "
+                                     "dots single orderings.",
+    "order_vs_chance.png": "The spread of accuracy the order causes (SD between orderings) next to the spread "
+                           "drawing other samples would cause (binomial SE within a run).",
+    "buffer_dynamics.png": "Memory over the stream: size and cumulative appends and deletions (left), entries "
+                           "selected at each position (middle), selections per entry (right); shaded spans "
+                           "are the domains of cyclic streams.",
+    "calibration.png": "Accuracy gain over zero-shot against the learning rate on the calibration stream.",
+    "ablation_buffer_size.png": "DynaPrompt's accuracy against its buffer size M (mean over orderings, 95% "
+                                "t-interval).",
+    "ablation_margins.png": "DynaPrompt's accuracy over the grid of selection margins (tau_h, tau_d), mean over "
+                            "orderings.",
+    "evidence.png": "Half-width of the 95% interval of mean accuracy against the number of orderings it rests on.",
+}
+
+
+def pct(value, digits: int = 1) -> str:
+    """A fraction as percentage points; a dash where unknown."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.{digits}f}"
+
+
+def signed(value) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def interval(bounds) -> str:
+    if not bounds or bounds[0] is None:
+        return "–"
+    return f"[{signed(bounds[0])}, {signed(bounds[1])}]"
+
+
+def table(rows: list[dict]) -> str:
+    return pd.DataFrame(rows).to_markdown(index=False) if rows else "_(none)_"
+
+
+def figure(name: str) -> str:
+    return f"![{FIGURES[name]}](figures/{name})\n\n*{FIGURES[name]}*"
+
+
+class Document:
+    """Markdown built section by section."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def add(self, *blocks: str) -> "Document":
+        self.parts.extend(b for b in blocks if b)
+        return self
+
+    def markdown(self) -> str:
+        return "\n\n".join(self.parts) + "\n"
+
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; } em { color: #555; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+def to_html(markdown_text: str, reports_dir: Path, title: str) -> str:
+    """Self-contained HTML from the Markdown: figures inlined as data URIs, no scripts, no external requests."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode((reports_dir / match.group(1)).read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n")

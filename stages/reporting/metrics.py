@@ -1,0 +1,304 @@
+"""reports/metrics.json: every number of the report, computed from the results with analysis.statistics."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis import statistics as st
+from dynaprompt.config import Settings
+
+from .results import Results
+
+DEFINITIONS = {
+    "mean": "mean accuracy over the orderings a method ran (each ordering: the same samples, another order)",
+    "ci95": "Student-t interval of that mean on n_orderings - 1 degrees of freedom; flagged too_few_orderings "
+            "below report.min_orderings",
+    "between_sd": "sample standard deviation (ddof=1) of accuracy across orderings: what the order changes",
+    "within_se": "binomial standard error sqrt(p(1-p)/n) of one run's accuracy over its n samples, averaged "
+                 "over the orderings: what drawing other samples would change",
+    "cochran_q": "Cochran's Q test (Cochran 1950, Biometrika 37:256) on the samples x orderings matrix of "
+                 "per-sample correctness: does the probability of a correct answer depend on the ordering? "
+                 "n = samples, df = orderings - 1",
+    "vs_reference": "accuracy minus the reference's (zero-shot or TPT), paired by sample within each ordering "
+                    "and averaged over orderings; ci_orderings: Student-t over the per-ordering differences "
+                    "(n = orderings); ci_samples: percentile bootstrap over samples of the per-sample mean "
+                    "difference (n = samples, resampled with replacement, paired across orderings)",
+    "collapse": "a run collapses when its last block falls more than collapse_margin below zero-shot on the same "
+                "samples, or below its own first block (both measured against zero-shot on the block's samples)",
+}
+
+
+def correct_matrix(results: Results, dataset: str, method: str, orderings: list) -> tuple[np.ndarray, list]:
+    """[samples, orderings] of per-sample correctness, rows matched by sample_id (sorted)."""
+    columns = []
+    for ordering in orderings:
+        records = results.records_of(dataset, method, ordering)
+        columns.append(records.set_index("sample_id")["correct"].sort_index())
+    frame = pd.concat(columns, axis=1, join="inner")
+    return frame.to_numpy(dtype=float), list(frame.index)
+
+
+def reference_correct(results: Results, dataset: str, reference: str, sample_ids: list, orderings: list):
+    """The reference's per-sample correctness on the same samples ([samples] or [samples, orderings])."""
+    runs = results.runs
+    have = list(runs.loc[(runs["dataset"] == dataset) & (runs["method"] == reference), "ordering"])
+    if not have:
+        return None
+    shared = [o for o in orderings if o in have]
+    if len(shared) == len(orderings):
+        matrix, ids = correct_matrix(results, dataset, reference, orderings)
+        return pd.DataFrame(matrix, index=ids).loc[sample_ids].to_numpy()
+    records = results.records_of(dataset, reference, have[0]).set_index("sample_id")["correct"]
+    is_fixed = bool(runs.loc[(runs["dataset"] == dataset) & (runs["method"] == reference), "order_independent"].all())
+    return records.loc[sample_ids].to_numpy(dtype=float) if is_fixed else None
+
+
+def method_summary(results: Results, settings: Settings, dataset: str, method: str, rows: pd.DataFrame) -> dict:
+    """The order-sensitivity numbers of one method on one dataset."""
+    config = settings.report
+    orderings = results.order("ordering", rows)
+    rows = rows.set_index("ordering").loc[orderings]
+    accuracy = rows["accuracy"].astype(float)
+    interval = st.t_interval(accuracy, config.confidence)
+    correct, sample_ids = correct_matrix(results, dataset, method, orderings)
+    worst = accuracy.idxmin() if accuracy.nunique() > 1 else None  # no worst ordering when all tie
+    out = {
+        "method_kind": str(rows["method_kind"].iloc[0]), "order_independent": bool(rows["order_independent"].all()),
+        "n_orderings": len(orderings), "orderings": orderings, "n_samples": int(rows["n"].iloc[0]),
+        "mean": interval["mean"], "ci95": [interval["low"], interval["high"]], "half_width": interval["half_width"],
+        "too_few_orderings": len(orderings) < config.min_orderings,
+        "std": float(accuracy.std()) if len(accuracy) > 1 else None, "min": float(accuracy.min()),
+        "max": float(accuracy.max()), "worst_ordering": worst,
+        **st.order_spread(accuracy, rows["n"]), "cochran_q": st.cochran_q(correct),
+        "per_ordering": {o: {"accuracy": float(a), "ordering_kind": str(k)}
+                         for o, a, k in zip(orderings, accuracy, rows["ordering_kind"])},
+    }
+    for name, reference in (("vs_zero_shot", "zero_shot"), ("vs_tpt", "tpt")):
+        ref = reference_method(results, dataset, reference)
+        matrix = None if ref in (None, method) else reference_correct(results, dataset, ref, sample_ids, orderings)
+        out[name] = None if matrix is None else {"reference": ref, **st.paired_difference(
+            correct, matrix, config.confidence, config.bootstrap_samples, config.seed)}
+    return out
+
+
+def reference_method(results: Results, dataset: str, kind: str) -> str | None:
+    """The method of `kind` to compare against on `dataset`: the one named like the kind, else the first."""
+    runs = results.runs
+    candidates = list(dict.fromkeys(runs.loc[(runs["dataset"] == dataset) & (runs["method_kind"] == kind), "method"]))
+    return None if not candidates else (kind if kind in candidates else candidates[0])
+
+
+def block_zero_shot(results: Results, dataset: str, records: pd.DataFrame, block_size: int) -> list[float] | None:
+    """Zero-shot's accuracy on the samples of each block of `records` (matched by sample_id)."""
+    zs = reference_method(results, dataset, "zero_shot")
+    if zs is None:
+        return None
+    first = results.runs[(results.runs["dataset"] == dataset) & (results.runs["method"] == zs)].iloc[0]
+    truth = results.records_of(dataset, zs, first.ordering).set_index("sample_id")["correct"]
+    matched = truth.loc[records["sample_id"]].to_numpy(dtype=float)
+    return [float(matched[i:i + block_size].mean()) for i in range(0, len(matched), block_size)]
+
+
+def collapse_check(results: Results, row, margin: float) -> dict:
+    """First and last block against zero-shot on the same samples; collapsed when either falls past `margin`."""
+    records = results.records_of(row.dataset, row.method, row.ordering)
+    blocks = list(row.block_accuracy)
+    zs = block_zero_shot(results, row.dataset, records, int(row.block_size)) or [math.nan] * len(blocks)
+    gain_first, gain_last = blocks[0] - zs[0], blocks[-1] - zs[-1]
+    below_zero_shot = bool(gain_last < -margin)
+    below_first = bool(gain_last < gain_first - margin)
+    return {"first_block": blocks[0], "last_block": blocks[-1], "zero_shot_first_block": zs[0],
+            "zero_shot_last_block": zs[-1], "below_zero_shot": below_zero_shot, "below_first_block": below_first,
+            "collapsed": below_zero_shot or below_first}
+
+
+def wins_losses(results: Results, row) -> tuple[int, int] | None:
+    """Samples the run gets right and zero-shot wrong, and the reverse."""
+    zs = reference_method(results, row.dataset, "zero_shot")
+    if zs is None or zs == row.method:
+        return None
+    first = results.runs[(results.runs["dataset"] == row.dataset) & (results.runs["method"] == zs)].iloc[0]
+    truth = results.records_of(row.dataset, zs, first.ordering).set_index("sample_id")["correct"]
+    mine = results.records_of(row.dataset, row.method, row.ordering).set_index("sample_id")["correct"]
+    truth = truth.loc[mine.index]
+    return int((mine & ~truth).sum()), int((~mine & truth).sum())
+
+
+def domain_blocks(domains: pd.Series) -> list[tuple[str, int, int]]:
+    """(domain, start, end) of each run of one domain along a stream."""
+    values = domains.astype(str).tolist()
+    blocks, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            blocks.append((values[start], start, i))
+            start = i
+    return blocks
+
+
+def cyclic_prompt_loss(records: pd.DataFrame) -> dict:
+    """Of the entries appended during a domain's block, the fraction deleted before that domain came back."""
+    deletions = {}
+    for t, ids in enumerate(records["deleted"]):
+        for entry in ids:
+            deletions.setdefault(int(entry), []).append(t)
+    blocks = domain_blocks(records["domain"])
+    counted = lost = 0
+    for k, (domain, start, end) in enumerate(blocks):
+        returns = next((b[1] for b in blocks[k + 1:] if b[0] == domain), None)
+        if returns is None:
+            continue
+        for t in range(start, end):
+            for entry in records["appended"].iloc[t]:
+                first_deletion = next((d for d in deletions.get(int(entry), []) if d > t), None)
+                counted += 1
+                lost += first_deletion is not None and first_deletion < returns
+    return {"fraction": lost / counted if counted else None, "appended_before_return": counted,
+            "deleted_before_return": lost, "domain_blocks": len(blocks)}
+
+
+def dataset_metrics(results: Results, settings: Settings, runs: pd.DataFrame) -> dict:
+    """datasets -> methods -> summary, for the runs of one group (or several)."""
+    out = {}
+    margin = settings.report.collapse_margin
+    for dataset in results.order("dataset", runs):
+        here = runs[runs["dataset"] == dataset]
+        out[dataset] = {}
+        for method in results.order("method", here):
+            rows = here[here["method"] == method]
+            summary = method_summary(results, settings, dataset, method, rows)
+            for row in rows.itertuples(index=False):
+                entry = summary["per_ordering"][row.ordering]
+                entry.update(collapse_check(results, row, margin))
+                counts = wins_losses(results, row)
+                if counts is not None:
+                    entry["wins_vs_zero_shot"], entry["losses_vs_zero_shot"] = counts
+                records = results.records_of(dataset, method, row.ordering)
+                if row.ordering_kind == "cyclic" and "domain" in records.columns and records["appended"].map(len).any():
+                    entry["cyclic_loss"] = cyclic_prompt_loss(records)
+            per = summary["per_ordering"].values()
+            summary["collapsed"] = any(e["collapsed"] for e in per)
+            summary["collapsed_orderings"] = [o for o, e in summary["per_ordering"].items() if e["collapsed"]]
+            if all("wins_vs_zero_shot" in e for e in per):
+                summary["wins_vs_zero_shot"] = float(np.mean([e["wins_vs_zero_shot"] for e in per]))
+                summary["losses_vs_zero_shot"] = float(np.mean([e["losses_vs_zero_shot"] for e in per]))
+            out[dataset][method] = summary
+    return out
+
+
+def ablation_rows(results: Results, settings: Settings) -> dict:
+    """metrics.json's `ablation`, `buffer_size` and `margins`: one row per variant of the ablation stream."""
+    config = settings.ablations
+    if config.dataset is None:
+        return {"ablation": [], "buffer_size": [], "margins": []}
+    runs = results.group("ablation")
+    runs = pd.concat([runs, results.runs[(results.runs["dataset"] == config.dataset)
+                                         & results.runs["method"].isin([config.base, *config.references])
+                                         & results.runs["ordering"].isin(config.orderings)]]).drop_duplicates("run")
+    base = settings.method(config.base)
+    table, sizes, margins = [], [], []
+    for method in results.order("method", runs):
+        rows = runs[runs["method"] == method]
+        accuracy = rows["accuracy"].astype(float)
+        interval = st.t_interval(accuracy, settings.report.confidence)
+        options = dict(settings.method(method).options)
+        variant = "base" if method == config.base else method.split("~", 1)[-1]
+        row = {"dataset": config.dataset, "variant": variant, "method": method, "mean": interval["mean"],
+               "std": float(accuracy.std()) if len(accuracy) > 1 else None, "ci95": [interval["low"], interval["high"]],
+               "n_orderings": len(rows), "n_samples": int(rows["n"].iloc[0])}
+        table.append(row)
+        if method == config.base or settings.method(method).derived_from == "ablation":
+            if options.get("buffer_size", 10) != base.options.get("buffer_size", 10) or method == config.base:
+                if options.get("criteria", "both") == "both" and options.get("append", True) and not (
+                        options.get("entropy_margin") or options.get("probdiff_margin")):
+                    sizes.append({**row, "M": options.get("buffer_size", 10)})
+            if method == config.base or "entropy_margin" in options or "probdiff_margin" in options:
+                if options.get("buffer_size", 10) == base.options.get("buffer_size", 10):
+                    margins.append({**row, "tau_h": options.get("entropy_margin", 0.0),
+                                    "tau_d": options.get("probdiff_margin", 0.0)})
+    sizes.sort(key=lambda r: r["M"])
+    return {"ablation": table, "buffer_size": sizes, "margins": margins}
+
+
+def calibration_metrics(results: Results, settings: Settings, testbed: dict) -> dict | None:
+    """TPT's gain over the reference at each lr of the grid, the lr it peaks at, and the step relative to v0."""
+    config = settings.calibration
+    if config.dataset is None:
+        return None
+    runs = results.group("calibration")
+    reference = runs[runs["method"] == config.reference]
+    if reference.empty:
+        return None
+    base_accuracy = float(reference["accuracy"].iloc[0])
+    rows = []
+    for method in config.methods:
+        for lr in config.lrs:
+            name = f"{method}~lr{lr:g}"
+            row = runs[runs["method"] == name]
+            if len(row):
+                run = row.iloc[0]
+                rows.append({"method": method, "lr": float(lr), "accuracy": float(run["accuracy"]),
+                             "gain": float(run["accuracy"]) - base_accuracy,
+                             "first_block": float(run["first_block_accuracy"]),
+                             "last_block": float(run["last_block_accuracy"])})
+    tpt_rows = [r for r in rows if r["method"] == config.methods[0]]
+    best = max(tpt_rows, key=lambda r: r["gain"])["lr"] if tpt_rows else None
+    rms = (testbed or {}).get("v0_context_rms")
+    return {"dataset": config.dataset, "ordering": config.ordering, "reference": config.reference,
+            "reference_accuracy": base_accuracy, "rows": rows, "chosen_by": config.methods[0], "best_lr": best,
+            "params_lr": settings.tuning.lr,
+            "params_lr_is_best": best is not None and math.isclose(best, settings.tuning.lr),
+            "v0_context_rms": rms, "lr_over_rms": None if not rms else settings.tuning.lr / rms}
+
+
+def evidence_rows(results: Results, settings: Settings, metrics: dict) -> list[dict]:
+    """Per order-dependent (dataset, method): orderings so far, the interval's half-width, the schedule's target."""
+    target = settings.sweep.schedule.target_half_width
+    rows = []
+    for dataset, methods in metrics.items():
+        for method, m in methods.items():
+            if m["order_independent"]:
+                continue
+            by_count = st.half_width_by_count([m["per_ordering"][o]["accuracy"] for o in m["orderings"]],
+                                              settings.report.confidence)
+            rows.append({"dataset": dataset, "method": method, "n_orderings": m["n_orderings"],
+                         "half_width": m["half_width"], "target": target,
+                         "met": bool(m["half_width"] <= target), "by_count": by_count})
+    return rows
+
+
+def plain(value):
+    """JSON-safe copy: numpy scalars to Python, NaN to null (DVC and strict parsers reject NaN)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def compute_metrics(results: Results, settings: Settings, testbed: dict | None, pretrain: dict | None) -> dict:
+    """metrics.json: definitions once at the top, then each part."""
+    main = results.runs[results.runs["group"].isin(["main", "added"])]
+    datasets = dataset_metrics(results, settings, main)
+    return plain({
+        "definitions": DEFINITIONS, "confidence": settings.report.confidence,
+        "collapse_margin": settings.report.collapse_margin, "runs": int(len(results.runs)),
+        "datasets": datasets, **ablation_rows(results, settings),
+        "calibration": calibration_metrics(results, settings, testbed),
+        "testbed": testbed_summary(testbed, pretrain), "evidence": evidence_rows(results, settings, datasets),
+    })
+
+
+def testbed_summary(testbed: dict | None, pretrain: dict | None) -> dict | None:
+    """The testbed's prompt sensitivity per stream, without the per-template lists."""
+    if not testbed:
+        return None
+    streams = {name: {k: v for k, v in s.items() if k != "per_template"} for name, s in testbed["streams"].items()}
+    return {"templates": testbed["templates"], "n_templates": testbed["n_templates"],
+            "v0_context_rms": testbed["v0_context_rms"], "logit_scale": testbed["logit_scale"], "streams": streams,
+            "clean_zero_shot": (pretrain or {}).get("clean_zero_shot")}

@@ -1,0 +1,64 @@
+"""testbed: how strongly the model responds to prompts on the test streams -> reports/testbed.json.
+
+For each `testbed.streams` entry: zero-shot accuracy (original view, from the embed stage's cache) under every
+template of `testbed.templates`, its spread (std and best minus worst, in points) and the best template. Also
+the size of the prompt v0 that test-time tuning moves (RMS of its context coordinates) and the logit scale: the
+step AdamW takes is about `lr` per coordinate, so `lr / RMS(v0)` is the step that transfers between models.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynaprompt.config import dataset_views
+from dynaprompt.features import cache_identity
+from dynaprompt.model import load_clip
+from dynaprompt.runner import build_text_encoder, feature_store, open_stream
+
+from .common import fail, settings, write_json
+
+
+@torch.no_grad()
+def template_accuracies(text, features: torch.Tensor, labels: np.ndarray, templates) -> dict:
+    """Zero-shot accuracy (%) of the original views `features` [N, E] under each template."""
+    scale = text.logit_scale()
+    out = {}
+    for template in templates:
+        classifier = text.encode_templates([template])[0]  # [C, E]
+        pred = (scale * features @ classifier.T).argmax(-1).numpy()
+        out[template] = float(100 * (pred == labels).mean())
+    return out
+
+
+def main() -> None:
+    config = settings()
+    clip = load_clip(config.model)
+    templates = config.templates[config.testbed.templates]
+    streams = {}
+    for name in config.testbed.streams:
+        data = open_stream(config, name)
+        views = dataset_views(config, name)
+        store = feature_store(config, name, views)
+        if not store.is_complete():
+            fail(f"testbed: no feature cache for {name!r} at {store.folder} (run its embed stage)")
+        cache = store.load("cpu", identity=cache_identity(clip, config.model.arch, views))
+        features = torch.stack([cache(s)[0] for s in data.manifest["sample_id"]])
+        text = build_text_encoder(clip, data.classnames, config)
+        accuracy = template_accuracies(text, features, data.manifest["label"].to_numpy(), templates)
+        values = np.array(list(accuracy.values()))
+        best, worst = max(accuracy, key=accuracy.get), min(accuracy, key=accuracy.get)
+        streams[name] = {"v0": accuracy.get("a photo of a {}."), "template_std": float(values.std()),
+                         "template_range": float(np.ptp(values)), "best_template": best, "best": accuracy[best],
+                         "worst_template": worst, "worst": accuracy[worst], "per_template": accuracy}
+        print(f"testbed {name}: v0 {accuracy.get('a photo of a {}.')}, template std {values.std():.2f}, "
+              f"range {np.ptp(values):.1f} points (best {best!r})")
+    text = build_text_encoder(clip, ["thing"], config)
+    write_json(config.path("reports") / "testbed.json", {
+        "templates": config.testbed.templates, "n_templates": len(templates),
+        "v0_context_rms": float(text.init_context.pow(2).mean().sqrt()),
+        "logit_scale": float(clip.model.logit_scale.exp()), "streams": streams,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The web surfaces in a real browser: the MLflow UI as the README starts it, and the self-contained report.
+
+Debian's chromium (bin/setup installs it) driven by the playwright package; `playwright install` is never run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import free_port, sweep_params
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed (bin/setup installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def swept(prefect_server, image_root, tmp_path_factory):
+    """A small sweep, logged to MLflow, as `dvc repro` would log it."""
+    from flows.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("ui")
+    params = sweep_params(image_root, root, datasets=["toy-a"], methods=["tpt", "online_tpt", "dynaprompt"])
+    outcome = run_sweep(str(params))
+    return root, params, outcome
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(swept):
+    """`mlflow ui` started as the README says, on a free loopback port."""
+    root, _, _ = swept
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                               f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(server.pid, signal.SIGTERM)
+        pytest.fail("mlflow ui did not start")
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def api(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def experiment_id(url: str) -> str:
+    return api(url, "experiments/get-by-name", {"experiment_name": "test"})["experiment"]["experiment_id"]
+
+
+def runs_link(url: str, experiment: str) -> str:
+    """The link the README gives: the experiment's runs, in MLflow's model-training view."""
+    return f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def test_the_readme_link_opens_the_experiment_on_its_runs_with_children_nested(browser, mlflow_ui, swept):
+    _, _, outcome = swept
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(runs_link(mlflow_ui, experiment_id(mlflow_ui)))
+    page.get_by_role("heading", name="Runs").wait_for(timeout=60000)
+    assert "/runs" in page.url and "traces" not in page.url and "overview" not in page.url
+    parent = page.get_by_text("sweep ", exact=False).first
+    parent.wait_for(timeout=30000)
+    assert page.get_by_text(f"{outcome['runs'] + 1} matching runs").count() == 1  # the sweep + its children
+    assert page.get_by_text("toy-a/dynaprompt/shuffle-0").count() == 0  # children are nested, folded
+    page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # unfold the sweep
+    page.get_by_text("toy-a/dynaprompt/shuffle-0").first.wait_for(timeout=30000)
+    # the experiment-list link keeps the model-training view once it is chosen
+    page.goto(f"{mlflow_ui}/#/experiments")
+    page.get_by_role("link", name="test", exact=True).first.click()
+    page.wait_for_url("**/runs**", timeout=30000)
+    page.close()
+
+
+def test_comparing_three_runs_plots_the_block_metric(browser, mlflow_ui, swept):
+    experiment = experiment_id(mlflow_ui)
+    found = api(mlflow_ui, "runs/search", {"experiment_ids": [experiment], "filter": "tags.kind = 'run'",
+                                            "max_results": 3})["runs"]
+    ids = json.dumps([run["info"]["run_id"] for run in found]).replace(" ", "")
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments=[\"{experiment}\"]")
+    page.get_by_text("Comparing 3 Runs").wait_for(timeout=60000)
+    page.get_by_role("link", name="accuracy_block4").first.click()
+    page.wait_for_url("**/metric**", timeout=30000)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=30000)
+    assert page.get_by_text("Step").count() >= 1  # the x axis is the block index
+    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() == 3  # one curve per run
+    page.close()
+
+
+def test_a_second_sweep_adds_no_duplicate_runs(mlflow_ui, swept):
+    from flows.sweep import run_sweep
+
+    _, params, outcome = swept
+    experiment = experiment_id(mlflow_ui)
+    again = run_sweep(str(params))
+    assert again["computed"] == 0
+    runs = api(mlflow_ui, "runs/search", {"experiment_ids": [experiment], "max_results": 1000})["runs"]
+    children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
+    assert len(children) == outcome["runs"]
+    fingerprints = [t["value"] for r in children for t in r["data"]["tags"] if t["key"] == "fingerprint"]
+    assert len(fingerprints) == len(set(fingerprints))
+
+
+def test_the_report_loads_whole_and_offline(browser, tmp_path):
+    """report.html: every image decoded, no failed or external request, no console error."""
+    from dynaprompt.config import settings_from_params
+    from stages.report import build_report
+
+    from .test_report import params as report_params
+    from .test_report import write_results
+
+    write_results(tmp_path)
+    build_report(settings_from_params(report_params(tmp_path)))
+    page = browser.new_page()
+    errors, failed, external = [], [], []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("requestfailed", lambda request: failed.append(request.url))
+    page.on("request", lambda request: external.append(request.url)
+            if not request.url.startswith(("file:", "data:")) else None)
+    page.goto((tmp_path / "reports" / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    images = page.locator("img")
+    assert images.count() >= 8
+    decoded = images.evaluate_all("els => els.map(e => e.complete && e.naturalWidth > 0)")
+    assert all(decoded), decoded
+    alts = images.evaluate_all("els => els.map(e => e.alt)")
+    assert all(alt and not alt.startswith("figures/") for alt in alts), alts
+    assert errors == [] and failed == [] and external == []
+    page.close()
