@@ -18,10 +18,21 @@ from pathlib import Path
 
 import yaml
 
-from .model import ModelSpec
 from .objectives import TuningConfig
 from .schema import CODE, ParamsError, Source, as_mapping, check_keys, closest, dataclass_from, fail, with_overrides
 from .views import ViewConfig
+
+
+@dataclass
+class ModelSpec:
+    """Which CLIP to load; every field is a `model:` key in params.yaml."""
+
+    arch: str = "tiny-clip"  # open_clip name, a bundled config name, or a path to a JSON model config
+    pretrained: str | None = None  # open_clip tag ('openai'), a weights file, or null for random weights
+    cache_dir: str | None = None  # where to look for cached hub weights (HF cache layout)
+    allow_download: bool = False  # never reach for the network unless asked
+    init_seed: int = 0  # seeds random weights, so a random-weight model is reproducible
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass(frozen=True)
@@ -445,7 +456,7 @@ def settings_from_params(params: dict, base_dir: str | Path = ".", source: Sourc
     for spec in derived:
         method_options(spec.kind, dict(spec.options), source, (spec.derived_from, spec.name))
     pretrain = block("pretrain", PretrainConfig)
-    templates = {"openai_imagenet": open_clip_templates(), "tip": TIP_TEMPLATES,
+    templates = {"openai_imagenet": OPENAI_IMAGENET, "tip": TIP_TEMPLATES, "captions": tuple(pretrain.templates),
                  "pretrain": tuple(eval_templates(pretrain)), **parse_templates(params.get("templates"), source)}
     if testbed.templates not in templates:
         fail(source, ("testbed", "templates"),
@@ -497,10 +508,17 @@ TIP_TEMPLATES = (  # the 7 templates of Tip-Adapter, used by TDA, DMN and OnZeta
 )
 
 
-def open_clip_templates() -> tuple:
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
+OPENAI_IMAGENET = "open_clip's OPENAI_IMAGENET_TEMPLATES"  # read from open_clip when a run uses them
 
-    return tuple(t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES)
+
+def template_set(settings: Settings, name: str) -> tuple:
+    """A template set by name; OpenAI's 80 ImageNet templates come from open_clip on first use."""
+    value = settings.templates[name]
+    if value == OPENAI_IMAGENET:
+        from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+        return tuple(t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES)
+    return value
 
 
 def resolve_templates(settings: Settings, spec: MethodSpec, dataset: str, check_only: bool = False,
@@ -522,7 +540,7 @@ def resolve_templates(settings: Settings, spec: MethodSpec, dataset: str, check_
             entry = settings.datasets.get(dataset)
             out.append((entry.template if entry and entry.template else "a photo of a {}."))
         elif item in settings.templates:
-            out.extend(settings.templates[item])
+            out.extend(() if check_only else template_set(settings, item))
         elif isinstance(item, str) and "{}" in item:
             out.append(item)
         else:

@@ -9,6 +9,7 @@ import open_clip
 import torch
 
 from .blocks import use_lean_blocks
+from .config import ModelSpec  # noqa: F401  (defined with the other params blocks; re-exported here)
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -17,18 +18,6 @@ _registered_config_paths: set[Path] = set()
 
 class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights were asked for and cannot be had without a download."""
-
-
-@dataclass
-class ModelSpec:
-    """Which CLIP to load; every field is a `model:` key in params.yaml."""
-
-    arch: str = "tiny-clip"  # open_clip name, a bundled config name, or a path to a JSON model config
-    pretrained: str | None = None  # open_clip tag ('openai'), a weights file, or null for random weights
-    cache_dir: str | None = None  # where to look for cached hub weights (HF cache layout)
-    allow_download: bool = False  # never reach for the network unless asked
-    init_seed: int = 0  # seeds random weights, so a random-weight model is reproducible
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass

@@ -148,8 +148,8 @@ def tune_and_finish(method, view_features: torch.Tensor):
     """One sample through a tuning method: `begin` (select, score), one tuning, one prediction pass, `finish`.
 
     `method` has `text`, `tuning`, `scaler`, `begin(view_features) -> TuningRequest` and
-    `finish(request, tuned_contexts, tuned_features) -> Outcome`; `dynaprompt.lockstep` drives the same two
-    halves for several streams at once.
+    `finish(request, tuned_contexts, tuned_features) -> Outcome`; `benchmarks/lockstep.py` drives the same
+    two halves for several streams at once.
     """
     request = method.begin(view_features)
     tuned = tune_contexts(

@@ -65,10 +65,10 @@ def expand_plan(settings: Settings, added: list[OrderingSpec] = ()) -> list[tupl
 
 
 def needed_views(settings: Settings, dataset: str) -> list:
-    """The view settings the planned runs see on `dataset` (directly or as a mixture member), its own first."""
-    from .config import dataset_views, method_views
+    """The view settings the planned runs see on `dataset` (directly or as a mixture member); none if unused."""
+    from .config import method_views
 
-    views = [dataset_views(settings, dataset)]
+    views = []
     for key, _ in expand_plan(settings):
         members = settings.mixtures[key.dataset].members if key.dataset in settings.mixtures else (key.dataset,)
         if dataset in members:

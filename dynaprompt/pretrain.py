@@ -271,17 +271,23 @@ def pretrain(clip, train_pixels: np.ndarray, train_labels: np.ndarray, classname
 
 
 @torch.no_grad()
-def zero_shot_accuracy(clip, pixels: np.ndarray, labels: np.ndarray, classnames, template: str = "a photo of a {}.",
-                       batch_size: int = 500) -> float:
-    """Zero-shot accuracy of `clip` with one template, on uint8 images [N, H, W, 3] (resized to the model)."""
-    model = clip.model
-    tokens = clip.tokenizer([template.format(c) for c in classnames])
-    text = F.normalize(encode_tokens(model, tokens), dim=-1)
-    correct = 0
+def image_features(clip, pixels: np.ndarray, batch_size: int = 500) -> torch.Tensor:
+    """Unit-norm image features [N, E] of uint8 images [N, H, W, 3], resized to the model."""
+    out = []
     for i in range(0, len(pixels), batch_size):
         images = torch.from_numpy(np.asarray(pixels[i : i + batch_size])).permute(0, 3, 1, 2).float() / 255
         images = TF.resize(images, [clip.image_size, clip.image_size], antialias=True)
-        features = F.normalize(model.encode_image(normalize(images, clip.image_mean, clip.image_std)), dim=-1)
-        truth = torch.as_tensor(np.array(labels[i : i + batch_size]))
-        correct += int(((features @ text.t()).argmax(1) == truth).sum())
-    return correct / len(pixels)
+        out.append(F.normalize(clip.model.encode_image(normalize(images, clip.image_mean, clip.image_std)), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def template_accuracies(clip, features: torch.Tensor, labels: np.ndarray, classnames, templates) -> dict:
+    """Zero-shot accuracy of image `features` [N, E] under each template."""
+    truth = torch.as_tensor(np.asarray(labels))
+    out = {}
+    for template in templates:
+        tokens = clip.tokenizer([template.format(c) for c in classnames])
+        text = F.normalize(encode_tokens(clip.model, tokens), dim=-1)
+        out[template] = float(((features @ text.t()).argmax(1) == truth).float().mean())
+    return out

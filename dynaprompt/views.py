@@ -119,12 +119,16 @@ class ViewGenerator:
         # Every random draw comes from this generator, never from torch's global RNG: runs in parallel
         # threads would otherwise interleave their draws and see different views.
         generator = torch.Generator().manual_seed(view_seed_for(self.config.view_seed, str(sample_id)))
-        views = [self.normalize(self.original(image))]
-        for _ in range(self.config.n_views - 1):
-            views.append(self._augmented_view(image, generator))
+        crops = [self.original(image)] + [self._crop(image, generator) for _ in range(self.config.n_views - 1)]
+        if not self.config.augmix:  # normalised together: the same values as one by one, a fraction of the calls
+            return self.normalize(torch.stack(crops))
+        views = [self.normalize(crops[0])]
+        for cropped in crops[1:]:
+            views.append(self._augmix(cropped, self.normalize(cropped), generator))
         return torch.stack(views)
 
-    def _augmented_view(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _crop(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A random resized crop, flipped half the time; uint8 [3, S, S]."""
         top, left, height, width = random_resized_crop_box(image.shape[-2], image.shape[-1], generator,
                                                            scale=tuple(self.config.crop_scale))
         # bilinear, as torchvision's RandomResizedCrop in TPT's `get_preaugment`
@@ -132,10 +136,7 @@ class ViewGenerator:
                                   interpolation=InterpolationMode.BILINEAR, antialias=True)
         if float(torch.rand((), generator=generator)) < 0.5:
             cropped = TF.horizontal_flip(cropped)
-        view = self.normalize(cropped)
-        if not self.config.augmix:
-            return view
-        return self._augmix(cropped, view, generator)
+        return cropped
 
     def _augmix(self, cropped: torch.Tensor, view: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Mix `augmix_width` op chains with Dirichlet weights, then blend with the plain view by Beta(1, 1)."""
@@ -158,7 +159,7 @@ def as_uint8_rgb(image) -> torch.Tensor:
     """Accept a PIL image, a uint8 [H, W(, 3)] array or a uint8 [3, H, W] tensor; return uint8 [3, H, W]."""
     if isinstance(image, Image.Image):
         return TF.pil_to_tensor(image.convert("RGB"))
-    tensor = torch.as_tensor(image)
+    tensor = image if isinstance(image, torch.Tensor) else torch.tensor(image)  # a copy: mmap'd arrays are read-only
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0).expand(3, -1, -1)
     elif tensor.ndim == 3 and tensor.shape[-1] in (1, 3) and tensor.shape[0] not in (1, 3):

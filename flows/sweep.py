@@ -63,8 +63,8 @@ def submission_order(plan: list, settings: Settings) -> list:
 
 
 def mean_accuracy_metrics(layout: ResultsLayout, plan: list) -> dict:
-    """The parent's summary: mean accuracy over orderings per dataset and method, over the planned runs."""
-    planned = {key for key, _ in plan}
+    """The parent's summary: mean accuracy over orderings per dataset and method of the main plan."""
+    planned = {key for key, group in plan if group in ("main", "added")}
     rows = [s for s in layout.summaries() if s.key in planned]
     out = {}
     for dataset, method in dict.fromkeys((s.dataset, s.method) for s in rows):
@@ -143,7 +143,9 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
         raise RuntimeError(f"{len(failed)} of {len(plan)} runs failed (finished runs are kept):\n"
                            + "\n".join(failed.values()))
     print(f"sweep {sweep_id}: {len(plan)} runs ({computed} computed, {reused} reused) in {seconds:.0f}s "
-          f"-> {layout.root}")
+          f"-> {layout.root}\nMLflow: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+          f"--port 5000 --workers 1, then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+          "?workflowType=machine_learning")
     return {"runs": len(plan), "computed": computed, "reused": reused, "added": [e.name for e in added]}
 
 

@@ -1,8 +1,9 @@
 """embed@<dataset>: the frozen image encoder over the views of every sample, once -> data/features/<dataset>/.
 
 One cache per view setting the planned runs need on the dataset (a method may draw its own views: ZERO uses
-crop + flip where the dataset uses AugMix). Chunked and resumable: after an interruption only the chunks not yet
-on disk are encoded.
+crop + flip where the dataset uses AugMix); a dataset no planned run reads gets none (a run by hand on it encodes
+its views from the images). Chunked and resumable: after an interruption only the chunks not yet on disk are
+encoded.
 """
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ from .common import settings
 
 def main(name: str) -> None:
     config = settings()
+    needed = needed_views(config, name)
+    (config.path("features") / name).mkdir(parents=True, exist_ok=True)
+    if not needed:
+        print(f"embed {name}: no planned run reads it; nothing to embed")
+        return
     dataset = open_stream(config, name)
     clip = load_clip(config.model)
-    for views in needed_views(config, name):
+    for views in needed:
         source = ImageViewSource(dataset, ViewEncoder(clip, views, amp=config.tuning.amp))
         store = feature_store(config, name, views)
         start = time.perf_counter()

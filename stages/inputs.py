@@ -1,9 +1,9 @@
-"""inputs: a digest of the prepared data and features that the sweep and the testbed read -> data/inputs.json.
+"""inputs: a digest of the datasets the sweep and the testbed read -> data/inputs.json.
 
 DVC cannot list the datasets a sweep uses as its dependencies (they come from params), so this small stage
-depends on all of data/ and writes a digest of only the datasets in use; the sweep and the testbed depend on
-the digest. Adding an unrelated dataset reruns this stage in a second and leaves the digest, and so the sweep,
-unchanged.
+depends on all of data/ and on the `datasets` and `mixtures` params, and writes a digest of only the datasets in
+use: their params, prepared data and features. The sweep and the testbed depend on the digest. Adding an
+unrelated dataset reruns this stage in seconds and leaves the digest, and so the sweep, unchanged.
 """
 from __future__ import annotations
 
@@ -28,22 +28,29 @@ def folder_digest(folder: Path) -> str | None:
     return digest.hexdigest()
 
 
+def streams_in_use(config) -> list[str]:
+    """Every dataset or mixture a planned run or the testbed reads."""
+    return list(dict.fromkeys([key.dataset for key, _ in expand_plan(config)] + list(config.testbed.streams)))
+
+
 def datasets_in_use(config) -> list[str]:
-    """Every dataset a planned run or the testbed reads, mixtures resolved to their members."""
-    streams = [key.dataset for key, _ in expand_plan(config)] + list(config.testbed.streams)
+    """The datasets behind `streams_in_use`, mixtures resolved to their members."""
     names = []
-    for stream in dict.fromkeys(streams):
+    for stream in streams_in_use(config):
         names.extend(config.mixtures[stream].members if stream in config.mixtures else [stream])
     return list(dict.fromkeys(names))
 
 
 def main() -> None:
     config = settings()
-    digest = {name: {"prepared": folder_digest(config.path("prepared") / name),
-                     "features": folder_digest(config.path("features") / name)}
-              for name in datasets_in_use(config)}
+    used = datasets_in_use(config)
+    digest = {name: {"params": config.raw["datasets"][name],
+                     "prepared": folder_digest(config.path("prepared") / name),
+                     "features": folder_digest(config.path("features") / name)} for name in used}
+    digest["mixtures"] = {name: config.raw["mixtures"][name] for name in streams_in_use(config)
+                          if name in config.mixtures}
     write_json(config.base_dir / "data" / "inputs.json", digest)
-    print(f"inputs: {len(digest)} datasets in use: {', '.join(digest)}")
+    print(f"inputs: {len(used)} datasets in use: {', '.join(used)}")
 
 
 if __name__ == "__main__":

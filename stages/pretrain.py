@@ -16,7 +16,7 @@ import torch
 
 from dynaprompt.datasets.fashion_mnist import CLASSNAMES, load_split, stratified_subset, to_rgb
 from dynaprompt.model import load_clip
-from dynaprompt.pretrain import eval_templates, pretrain, zero_shot_accuracy
+from dynaprompt.pretrain import eval_templates, image_features, pretrain, template_accuracies
 
 from .common import settings, write_json
 
@@ -44,9 +44,8 @@ def main() -> None:
 
     test_images, test_labels = load_split(source, "test")
     chosen = stratified_subset(test_labels, training.eval_samples, training.seed)
-    clean = to_rgb(test_images[chosen], clip.image_size)
-    per_template = {t: zero_shot_accuracy(clip, clean, test_labels[chosen], CLASSNAMES, t)
-                    for t in eval_templates(training)}
+    features = image_features(clip, to_rgb(test_images[chosen], clip.image_size))  # once, for every template
+    per_template = template_accuracies(clip, features, test_labels[chosen], CLASSNAMES, eval_templates(training))
     values = 100 * np.array(list(per_template.values()))
     write_json(metrics_file, {
         "skipped": False, "train_seconds": round(seconds, 1), "final_loss": curve[-1]["loss"],

@@ -113,9 +113,10 @@ def differences_section(doc: Document, metrics: dict) -> None:
                 d = m.get(name)
                 if d:
                     rows.append({"dataset": dataset, "method": method, "against": label,
-                                 "Δ points": signed(d["mean_diff"]),
-                                 f"CI over orderings (n={d['n_orderings']})": interval(d["ci_orderings"]),
-                                 "CI over samples": f"{interval(d['ci_samples'])} (n={d['n_samples']})"})
+                                 "Δ points": signed(d["mean_diff"]), "orderings": d["n_orderings"],
+                                 "95% CI over orderings (t)": interval(d["ci_orderings"]),
+                                 "samples": d["n_samples"],
+                                 "95% CI over samples (bootstrap)": interval(d["ci_samples"])})
     doc.add("## Against zero-shot and TPT",
             "Accuracy difference in points, paired by sample within each ordering, averaged over orderings. Two "
             "95% intervals: Student-t over the per-ordering differences (what another ordering would give), and "
@@ -162,8 +163,9 @@ def collapse_section(doc: Document, metrics: dict) -> None:
                              "losses": f"{m['losses_vs_zero_shot']:.1f}",
                              "net": f"{m['wins_vs_zero_shot'] - m['losses_vs_zero_shot']:+.1f}"})
     doc.add("## What collapsed",
-            f"Runs whose last block falls more than {metrics['collapse_margin']:g} below zero-shot on the same "
-            "samples, or below their own first block.", table(rows) if rows else "No run collapsed.")
+            f"Order-dependent runs whose last block falls more than {metrics['collapse_margin']:g} below zero-shot "
+            "on the same samples, or below their own first block (gains over zero-shot compared).",
+            table(rows) if rows else "No run collapsed.")
     if cyclic:
         doc.add("## Cyclic streams: is a domain's memory still there when it returns?",
                 "Entries (prompts, cached features) appended during a domain's block, and how many were deleted "

@@ -1,7 +1,7 @@
 """testbed: how strongly the model responds to prompts on the test streams -> reports/testbed.json.
 
-For each `testbed.streams` entry: zero-shot accuracy (original view, from the embed stage's cache) under every
-template of `testbed.templates`, its spread (std and best minus worst, in points) and the best template. Also
+For each `testbed.streams` entry: zero-shot accuracy (original view, encoded here from the prepared images) under
+every template of `testbed.templates`, its spread (std and best minus worst, in points) and the best template. Also
 the size of the prompt v0 that test-time tuning moves (RMS of its context coordinates) and the logit scale: the
 step AdamW takes is about `lr` per coordinate, so `lr / RMS(v0)` is the step that transfers between models.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynaprompt.config import dataset_views
-from dynaprompt.features import cache_identity
+from dynaprompt.config import template_set
+from dynaprompt.features import ViewEncoder
 from dynaprompt.model import load_clip
-from dynaprompt.runner import build_text_encoder, feature_store, open_stream
+from dynaprompt.runner import build_text_encoder, open_stream
+from dynaprompt.views import ViewConfig
 
-from .common import fail, settings, write_json
+from .common import settings, write_json
 
 
 @torch.no_grad()
@@ -33,16 +34,12 @@ def template_accuracies(text, features: torch.Tensor, labels: np.ndarray, templa
 def main() -> None:
     config = settings()
     clip = load_clip(config.model)
-    templates = config.templates[config.testbed.templates]
+    templates = template_set(config, config.testbed.templates)
     streams = {}
     for name in config.testbed.streams:
         data = open_stream(config, name)
-        views = dataset_views(config, name)
-        store = feature_store(config, name, views)
-        if not store.is_complete():
-            fail(f"testbed: no feature cache for {name!r} at {store.folder} (run its embed stage)")
-        cache = store.load("cpu", identity=cache_identity(clip, config.model.arch, views))
-        features = torch.stack([cache(s)[0] for s in data.manifest["sample_id"]])
+        original = ViewEncoder(clip, ViewConfig(n_views=1), amp=config.tuning.amp)  # view 0: resize + centre crop
+        features = torch.stack([original(data.load(s), s)[0].cpu() for s in data.manifest["sample_id"]])
         text = build_text_encoder(clip, data.classnames, config)
         accuracy = template_accuracies(text, features, data.manifest["label"].to_numpy(), templates)
         values = np.array(list(accuracy.values()))

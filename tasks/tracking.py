@@ -58,7 +58,8 @@ class SweepTracker:
 
     def __init__(self, db_file: Path, artifacts: Path, experiment: str):
         Path(db_file).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=tracking_uri(db_file))
+        self.uri = tracking_uri(db_file)
+        self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
             experiment, artifact_location=Path(artifacts).resolve().as_uri())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -73,13 +74,15 @@ def mlflow_ui(swept):
 
 
 def api(url: str, path: str, body: dict) -> dict:
+    """POST to MLflow's REST API."""
     request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(request, timeout=30).read())
 
 
 def experiment_id(url: str) -> str:
-    return api(url, "experiments/get-by-name", {"experiment_name": "test"})["experiment"]["experiment_id"]
+    found = urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=test", timeout=30)
+    return json.loads(found.read())["experiment"]["experiment_id"]
 
 
 def runs_link(url: str, experiment: str) -> str:
@@ -93,16 +96,29 @@ def test_the_readme_link_opens_the_experiment_on_its_runs_with_children_nested(b
     page.goto(runs_link(mlflow_ui, experiment_id(mlflow_ui)))
     page.get_by_role("heading", name="Runs").wait_for(timeout=60000)
     assert "/runs" in page.url and "traces" not in page.url and "overview" not in page.url
-    parent = page.get_by_text("sweep ", exact=False).first
-    parent.wait_for(timeout=30000)
-    assert page.get_by_text(f"{outcome['runs'] + 1} matching runs").count() == 1  # the sweep + its children
+    page.get_by_text(re.compile(r"^sweep \d{8}-\d{6}")).first.wait_for(timeout=30000)  # the parent's row
+    matching = page.get_by_text(re.compile(r"[1-9]\d* matching runs"))
+    matching.wait_for(timeout=30000)
+    assert matching.inner_text().startswith(f"{outcome['runs'] + 1} matching")  # the sweep + its children
     assert page.get_by_text("toy-a/dynaprompt/shuffle-0").count() == 0  # children are nested, folded
     page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # unfold the sweep
     page.get_by_text("toy-a/dynaprompt/shuffle-0").first.wait_for(timeout=30000)
-    # the experiment-list link keeps the model-training view once it is chosen
+    # MLflow 3.17 keeps the view a user picks with its switch: once "Model training" is chosen on the experiment
+    # list, the experiment's link opens on its runs too (the URL parameter alone does not persist)
+    page.close()
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.goto(f"{mlflow_ui}/#/experiments")
-    page.get_by_role("link", name="test", exact=True).first.click()
-    page.wait_for_url("**/runs**", timeout=30000)
+    page.get_by_text("Model training", exact=True).first.wait_for(timeout=60000)
+    page.get_by_text("Model training", exact=True).first.click()
+    page.wait_for_timeout(2000)
+    page.goto(f"{mlflow_ui}/#/experiments")
+    link = page.get_by_role("link", name="test", exact=True).first
+    link.wait_for(timeout=60000)
+    page.wait_for_timeout(2000)  # the list re-renders once its experiments arrive
+    link.click()
+    page.wait_for_function("() => location.hash.includes('/runs') || location.hash.includes('/overview')",
+                           timeout=60000)
+    assert "/runs" in page.url
     page.close()
 
 
@@ -162,4 +178,43 @@ def test_the_report_loads_whole_and_offline(browser, tmp_path):
     alts = images.evaluate_all("els => els.map(e => e.alt)")
     assert all(alt and not alt.startswith("figures/") for alt in alts), alts
     assert errors == [] and failed == [] and external == []
+    page.close()
+
+
+def test_dvc_plots_render_offline_from_the_plot_data(browser, tmp_path):
+    """`dvc plots show` with bin/plots-template's template: the charts draw with no request leaving the page."""
+    import yaml
+
+    from dynaprompt.config import settings_from_params
+    from stages.report import build_report
+
+    from .conftest import ROOT
+    from .test_report import params as report_params
+    from .test_report import write_results
+
+    template = ROOT / ".dvc" / "plots" / "offline.html"
+    if not template.is_file():
+        subprocess.run(["bash", str(ROOT / "bin" / "plots-template")], check=True, timeout=300)
+    write_results(tmp_path)
+    build_report(settings_from_params(report_params(tmp_path)))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["plots"]
+    project = tmp_path / "project"
+    (project / "reports").mkdir(parents=True)
+    shutil.copytree(tmp_path / "reports" / "plots", project / "reports" / "plots")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"plots": [{p: {k: v for k, v in c.items() if k != "cache"}}
+                                                                for entry in stages for p, c in entry.items()]}))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out", "--html-template",
+                            str(template)], cwd=project, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    page = browser.new_page()
+    external, errors = [], []
+    page.on("request", lambda r: external.append(r.url) if not r.url.startswith(("file:", "data:", "blob:"))
+            else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto((project / "out" / "index.html").as_uri())
+    page.wait_for_timeout(3000)
+    assert page.locator(".vega-embed canvas, .vega-embed svg").count() >= 4  # every declared plot drew
+    assert external == [] and errors == []
     page.close()

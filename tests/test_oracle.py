@@ -15,7 +15,7 @@ from dynaprompt.objectives import TuningConfig
 from dynaprompt.text import PromptTextEncoder
 
 # ImageNet classes on which the random-weight model's zero-shot prediction changes from sample to sample
-CLASSNAMES = ["jacamar", "bulletproof vest", "pencil sharpener", "lakeshore", "electric ray", "espresso machine"]
+CLASSNAMES = ["axolotl", "snow leopard", "Dandie Dinmont Terrier", "flamingo", "Saharan horned viper", "Carolina anole"]
 TUNING = TuningConfig(lr=0.05)
 CASES = {
     "zero_shot": ("zero_shot", None),

@@ -35,3 +35,49 @@ def test_paper_config_without_weights_fails_at_once(monkeypatch, tmp_path):
     settings = load_settings(PAPER)
     with pytest.raises(WeightsNotFoundError, match="ViT-B-16"):
         load_clip(replace(settings.model, cache_dir=str(tmp_path), device="cpu"))
+
+
+EXPERIMENTS = PAPER.parent / "experiments.yaml"
+
+
+def apply_overrides(params: dict, overrides: dict) -> dict:
+    """What `dvc exp run -S key=value` does to params.yaml, for dotted keys."""
+    import copy
+
+    out = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def dvc_command(name: str, recipe: dict) -> str:
+    """The README's command for a recipe."""
+    import json
+
+    text = lambda v: json.dumps(v, separators=(",", ":")) if isinstance(v, (list, bool)) else v  # noqa: E731
+    sets = " ".join(f"-S '{k}={text(v)}'" for k, v in recipe["set"].items())
+    return f"dvc exp run --temp -n {name} {sets}"
+
+
+@pytest.mark.parametrize("name", ["ablations-imagenet-a", "order-imagenet-a"])
+def test_named_experiments_apply_to_the_paper_config_and_plan(name, tmp_path):
+    import yaml
+
+    from dynaprompt.config import settings_from_params
+
+    recipe = yaml.safe_load(EXPERIMENTS.read_text())[name]
+    params = apply_overrides(yaml.safe_load(PAPER.read_text()), recipe["set"])
+    settings = settings_from_params(params)
+    assert settings.model.arch == "ViT-B-16"
+    planned = expand_plan(settings)
+    assert {key.dataset for key, group in planned if group == "main"} == {"imagenet_a"}
+    if name.startswith("ablations"):
+        ablation = {key.method for key, group in planned if group == "ablation"}
+        assert {"dynaprompt~M1", "dynaprompt~M20", "dynaprompt~entropy_only", "dynaprompt~no_append",
+                "dynaprompt~tau_h0.1-tau_d0.1"} <= ablation
+    readme = (PAPER.parent.parent / "README.md").read_text()
+    assert dvc_command(name, recipe) in readme

@@ -78,6 +78,9 @@ def test_target_met_at_once_adds_nothing(prefect_server, image_root, tmp_path, c
     from flows.sweep import run_sweep
 
     params = scheduled_params(image_root, tmp_path, target=1.0)  # a +-100 point interval: met by any two orderings
+    config = yaml.safe_load(params.read_text())
+    config["orderings"]["cyclic-1"] = {"kind": "cyclic", "block": 2, "seed": 1}  # two on the mixture too
+    params.write_text(yaml.safe_dump(config))
     run_sweep(str(params))
     outcome = run_sweep(str(params), add_orderings=2)
     assert outcome == {"runs": 0, "computed": 0, "reused": 0, "added": []}

@@ -185,3 +185,37 @@ def test_the_cli_and_the_sweep_give_the_same_records(prefect_server, image_root,
     pd.testing.assert_frame_equal(swept.drop(columns="seconds"), by_cli.drop(columns="seconds"))
     summary = json.loads((tmp_path / "cli.json").read_text())
     assert summary["settings"]["run.threads"] == 2
+
+
+@pytest.mark.slow
+def test_a_run_with_bad_numbers_fails_alone_and_the_others_are_kept(prefect_server, image_root, tmp_path):
+    """A NaN in one dataset's feature cache stops that dataset's runs, naming the sample; the rest finish."""
+    import torch
+
+    from dynaprompt.config import load_settings, resolve_run
+    from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
+    from dynaprompt.model import load_clip
+    from dynaprompt.results import ResultsLayout, RunKey
+    from dynaprompt.runner import feature_store, open_stream
+    from flows.sweep import run_sweep
+
+    params = sweep_params(image_root, tmp_path, datasets=["toy-a", "toy-b"], methods=["tpt", "dynaprompt"])
+    settings = load_settings(params)
+    clip = load_clip(settings.model)
+    views = resolve_run(settings, "toy-a", "dynaprompt").views
+    store = feature_store(settings, "toy-a", views)
+    data = open_stream(settings, "toy-a")
+    store.build(ImageViewSource(data, ViewEncoder(clip, views)), data.manifest["sample_id"].tolist(),
+                cache_identity(clip, settings.model.arch, views))
+    chunk = torch.load(store.chunk_file(0))
+    chunk[2] = float("nan")
+    torch.save(chunk, store.chunk_file(0))
+    with pytest.raises(RuntimeError) as failure:
+        run_sweep(str(params))
+    message = str(failure.value)
+    bad = data.manifest["sample_id"].iloc[2]
+    assert "toy-a/dynaprompt/shuffle-0" in message and f"non-finite view features at sample '{bad}'" in message
+    layout = ResultsLayout(tmp_path / "results")
+    assert layout.read_summary(RunKey("toy-a", "dynaprompt", "shuffle-0")) is None  # not written as finished
+    assert all(layout.read_summary(RunKey("toy-b", m, o)) is not None
+               for m in ("tpt", "dynaprompt") for o in ("shuffle-0", "shuffle-1"))

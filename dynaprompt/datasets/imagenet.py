@@ -9,8 +9,6 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from open_clip import IMAGENET_CLASSNAMES
-
 from .base import DatasetNotFoundError, ManifestDataset, folder_per_class, require_dir
 
 
@@ -37,7 +35,7 @@ def imagenet(name: str, root) -> ManifestDataset:
     root = require_dir(name, Path(root))
     wnids = synsets("imagenet")
     folders = _wnid_folders(name, root, wnids)
-    return folder_per_class(name, root, folders, list(range(1000)), list(IMAGENET_CLASSNAMES))
+    return folder_per_class(name, root, folders, list(range(1000)), imagenet_classnames())
 
 
 def _subset(name: str, root, subset: str) -> ManifestDataset:
@@ -45,7 +43,8 @@ def _subset(name: str, root, subset: str) -> ManifestDataset:
     root = require_dir(name, Path(root))
     all_wnids = {wnid: i for i, wnid in enumerate(synsets("imagenet"))}
     wnids = synsets(subset)
-    classnames = [IMAGENET_CLASSNAMES[all_wnids[w]] for w in wnids]
+    names = imagenet_classnames()
+    classnames = [names[all_wnids[w]] for w in wnids]
     folders = _wnid_folders(name, root, wnids)
     return folder_per_class(name, root, folders, list(range(len(wnids))), classnames)
 
@@ -74,4 +73,11 @@ def imagenet_v2(name: str, root) -> ManifestDataset:
         raise DatasetNotFoundError(
             f"dataset {name!r}: {len(missing)} class folder(s) missing under {root}, e.g. {missing[:3]}"
         )
-    return folder_per_class(name, root, folders, list(range(1000)), list(IMAGENET_CLASSNAMES))
+    return folder_per_class(name, root, folders, list(range(1000)), imagenet_classnames())
+
+
+def imagenet_classnames() -> list[str]:
+    """CLIP's 1000 ImageNet class names, from open_clip (imported here: the other adapters do not need it)."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)

@@ -25,8 +25,9 @@ DEFINITIONS = {
                     "and averaged over orderings; ci_orderings: Student-t over the per-ordering differences "
                     "(n = orderings); ci_samples: percentile bootstrap over samples of the per-sample mean "
                     "difference (n = samples, resampled with replacement, paired across orderings)",
-    "collapse": "a run collapses when its last block falls more than collapse_margin below zero-shot on the same "
-                "samples, or below its own first block (both measured against zero-shot on the block's samples)",
+    "collapse": "an order-dependent run collapses when its last block falls more than collapse_margin below "
+                "zero-shot on the same samples, or below its own first block (both measured against zero-shot on "
+                "the block's samples); order-independent methods carry no state and cannot collapse",
 }
 
 
@@ -171,6 +172,8 @@ def dataset_metrics(results: Results, settings: Settings, runs: pd.DataFrame) ->
             for row in rows.itertuples(index=False):
                 entry = summary["per_ordering"][row.ordering]
                 entry.update(collapse_check(results, row, margin))
+                if row.order_independent:  # no state to drift: block-to-block changes are the classes' own
+                    entry["collapsed"] = entry["below_zero_shot"] = entry["below_first_block"] = False
                 counts = wins_losses(results, row)
                 if counts is not None:
                     entry["wins_vs_zero_shot"], entry["losses_vs_zero_shot"] = counts
