@@ -47,7 +47,9 @@ def main() -> None:
         streams[name] = {"v0": accuracy.get("a photo of a {}."), "template_std": float(values.std()),
                          "template_range": float(np.ptp(values)), "best_template": best, "best": accuracy[best],
                          "worst_template": worst, "worst": accuracy[worst], "per_template": accuracy}
-        print(f"testbed {name}: v0 {accuracy.get('a photo of a {}.')}, template std {values.std():.2f}, "
+        v0 = accuracy.get("a photo of a {}.")
+        v0_text = "not in the template set" if v0 is None else f"{v0:.1f}"
+        print(f"testbed {name}: v0 {v0_text}, template std {values.std():.2f}, "
               f"range {np.ptp(values):.1f} points (best {best!r})")
     text = build_text_encoder(clip, ["thing"], config)
     write_json(config.path("reports") / "testbed.json", {

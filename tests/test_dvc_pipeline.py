@@ -18,11 +18,12 @@ CODE = ("dynaprompt", "stages", "flows", "tasks", "analysis", "dvc.yaml")
 
 
 def toy_params(project) -> dict:
+    """The real params.yaml (every section dvc.yaml declares), on two image folders with a random tiny CLIP."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     folder = lambda name: {"kind": "image_folder", "root": f"images/{name}"}  # noqa: E731
-    return {
-        "model": {"arch": "tiny-clip", "pretrained": None, "device": "cpu"},
-        "views": {"n_views": 8},
-        "tuning": {"lr": 0.05},
+    params.update({
+        "model": {**params["model"], "pretrained": None, "device": "cpu"},
+        "views": {**params["views"], "n_views": 8},
         "run": {"block_size": 4, "threads": 1},
         "methods": {"zero_shot": {"kind": "zero_shot"}, "tpt": {"kind": "tpt"},
                     "dynaprompt": {"kind": "dynaprompt", "buffer_size": 3}, "tda": {"kind": "tda"}},
@@ -31,9 +32,13 @@ def toy_params(project) -> dict:
         "datasets": {"toy-a": folder("a"), "toy-b": folder("b")},
         "mixtures": {"toy-mix": {"members": ["toy-a", "toy-b"]}},
         "testbed": {"streams": ["toy-a"], "templates": "captions"},
-        "sweep": {"runner": "thread", "workers": 2},
-        "mlflow": {"experiment": "toy"},
-    }
+        "calibration": {"dataset": None},
+        "ablations": {"dataset": None},
+        "sweep": {**params["sweep"], "datasets": ["toy-a", "toy-b", "toy-mix"], "methods": ["zero_shot", "tpt", "dynaprompt", "tda"],
+                  "runner": "thread", "workers": 2},
+        "mlflow": {**params["mlflow"], "experiment": "toy"},
+    })
+    return params
 
 
 def dvc(project, *args, timeout=900):

@@ -246,7 +246,8 @@ def calibration_metrics(results: Results, settings: Settings, testbed: dict) -> 
                              "first_block": float(run["first_block_accuracy"]),
                              "last_block": float(run["last_block_accuracy"])})
     tpt_rows = [r for r in rows if r["method"] == config.methods[0]]
-    best = max(tpt_rows, key=lambda r: r["gain"])["lr"] if tpt_rows else None
+    # a tie (the same count of correct samples) goes to the smaller step
+    best = max(tpt_rows, key=lambda r: (r["gain"], -r["lr"]))["lr"] if tpt_rows else None
     rms = (testbed or {}).get("v0_context_rms")
     return {"dataset": config.dataset, "ordering": config.ordering, "reference": config.reference,
             "reference_accuracy": base_accuracy, "rows": rows, "chosen_by": config.methods[0], "best_lr": best,
