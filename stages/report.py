@@ -73,7 +73,8 @@ def testbed_section(doc: Document, metrics: dict) -> None:
         doc.add("### Calibrating the learning rate",
                 f"On `{calibration['dataset']}` ({calibration['ordering']}, a stream the report does not sweep), "
                 f"{calibration['chosen_by']}'s gain over {calibration['reference']} "
-                f"({pct(calibration['reference_accuracy'])}%) peaks at lr {calibration['best_lr']:g} (a tie goes to the smaller lr); "
+                f"({pct(calibration['reference_accuracy'])}%) peaks at lr {calibration['best_lr']:g} "
+                f"(a tie goes to the smaller lr); "
                 f"{verdict}.{ratio} With fresh AdamW state, one step moves each context coordinate by about lr.",
                 figure("calibration.png"), table(rows))
 

@@ -34,8 +34,8 @@ def toy_params(project) -> dict:
         "testbed": {"streams": ["toy-a"], "templates": "captions"},
         "calibration": {"dataset": None},
         "ablations": {"dataset": None},
-        "sweep": {**params["sweep"], "datasets": ["toy-a", "toy-b", "toy-mix"], "methods": ["zero_shot", "tpt", "dynaprompt", "tda"],
-                  "runner": "thread", "workers": 2},
+        "sweep": {**params["sweep"], "datasets": ["toy-a", "toy-b", "toy-mix"],
+                  "methods": ["zero_shot", "tpt", "dynaprompt", "tda"], "runner": "thread", "workers": 2},
         "mlflow": {**params["mlflow"], "experiment": "toy"},
     })
     return params
