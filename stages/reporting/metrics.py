@@ -27,7 +27,8 @@ DEFINITIONS = {
                     "difference (n = samples, resampled with replacement, paired across orderings)",
     "collapse": "an order-dependent run collapses when its last block falls more than collapse_margin below "
                 "zero-shot on the same samples, or below its own first block (both measured against zero-shot on "
-                "the block's samples); order-independent methods carry no state and cannot collapse",
+                "the block's samples; not on class-blocked orderings, whose blocks hold different classes); "
+                "order-independent methods carry no state and cannot collapse",
 }
 
 
@@ -174,6 +175,9 @@ def dataset_metrics(results: Results, settings: Settings, runs: pd.DataFrame) ->
                 entry.update(collapse_check(results, row, margin))
                 if row.order_independent:  # no state to drift: block-to-block changes are the classes' own
                     entry["collapsed"] = entry["below_zero_shot"] = entry["below_first_block"] = False
+                elif row.ordering_kind == "class_blocked":  # first and last blocks hold different classes, whose
+                    entry["below_first_block"] = False      # gains differ anyway: only zero-shot on the same samples
+                    entry["collapsed"] = entry["below_zero_shot"]
                 counts = wins_losses(results, row)
                 if counts is not None:
                     entry["wins_vs_zero_shot"], entry["losses_vs_zero_shot"] = counts
