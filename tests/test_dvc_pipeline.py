@@ -42,7 +42,9 @@ def toy_params(project) -> dict:
 
 
 def dvc(project, *args, timeout=900):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    # stage commands call `python`: the interpreter running the tests, as an activated venv would give
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path}
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
