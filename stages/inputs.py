@@ -33,21 +33,22 @@ def streams_in_use(config) -> list[str]:
     return list(dict.fromkeys([key.dataset for key, _ in expand_plan(config)] + list(config.testbed.streams)))
 
 
-def datasets_in_use(config) -> list[str]:
-    """The datasets behind `streams_in_use`, mixtures resolved to their members."""
+def datasets_in_use(config, streams: list[str]) -> list[str]:
+    """The datasets behind `streams`, mixtures resolved to their members."""
     names = []
-    for stream in streams_in_use(config):
+    for stream in streams:
         names.extend(config.mixtures[stream].members if stream in config.mixtures else [stream])
     return list(dict.fromkeys(names))
 
 
 def main() -> None:
     config = settings()
-    used = datasets_in_use(config)
+    streams = streams_in_use(config)
+    used = datasets_in_use(config, streams)
     digest = {name: {"params": config.raw["datasets"][name],
                      "prepared": folder_digest(config.path("prepared") / name),
                      "features": folder_digest(config.path("features") / name)} for name in used}
-    digest["mixtures"] = {name: config.raw["mixtures"][name] for name in streams_in_use(config)
+    digest["mixtures"] = {name: config.raw["mixtures"][name] for name in streams
                           if name in config.mixtures}
     write_json(config.base_dir / "data" / "inputs.json", digest)
     print(f"inputs: {len(used)} datasets in use: {', '.join(used)}")

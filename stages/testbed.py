@@ -13,22 +13,11 @@ import torch
 from dynaprompt.config import template_set
 from dynaprompt.features import ViewEncoder
 from dynaprompt.model import load_clip
+from dynaprompt.pretrain import template_accuracies
 from dynaprompt.runner import build_text_encoder, open_stream
 from dynaprompt.views import ViewConfig
 
 from .common import settings, write_json
-
-
-@torch.no_grad()
-def template_accuracies(text, features: torch.Tensor, labels: np.ndarray, templates) -> dict:
-    """Zero-shot accuracy (%) of the original views `features` [N, E] under each template."""
-    scale = text.logit_scale()
-    out = {}
-    for template in templates:
-        classifier = text.encode_templates([template])[0]  # [C, E]
-        pred = (scale * features @ classifier.T).argmax(-1).numpy()
-        out[template] = float(100 * (pred == labels).mean())
-    return out
 
 
 def main() -> None:
@@ -40,14 +29,14 @@ def main() -> None:
         data = open_stream(config, name)
         original = ViewEncoder(clip, ViewConfig(n_views=1), amp=config.tuning.amp)  # view 0: resize + centre crop
         features = torch.stack([original(data.load(s), s)[0].cpu() for s in data.manifest["sample_id"]])
-        text = build_text_encoder(clip, data.classnames, config)
-        accuracy = template_accuracies(text, features, data.manifest["label"].to_numpy(), templates)
+        fractions = template_accuracies(clip, features, data.manifest["label"].to_numpy(), data.classnames, templates)
+        accuracy = {template: round(100 * value, 4) for template, value in fractions.items()}  # float32 means
         values = np.array(list(accuracy.values()))
         best, worst = max(accuracy, key=accuracy.get), min(accuracy, key=accuracy.get)
-        streams[name] = {"v0": accuracy.get("a photo of a {}."), "template_std": float(values.std()),
+        v0 = accuracy.get("a photo of a {}.")
+        streams[name] = {"v0": v0, "template_std": float(values.std()),
                          "template_range": float(np.ptp(values)), "best_template": best, "best": accuracy[best],
                          "worst_template": worst, "worst": accuracy[worst], "per_template": accuracy}
-        v0 = accuracy.get("a photo of a {}.")
         v0_text = "not in the template set" if v0 is None else f"{v0:.1f}"
         print(f"testbed {name}: v0 {v0_text}, template std {values.std():.2f}, "
               f"range {np.ptp(values):.1f} points (best {best!r})")

@@ -104,13 +104,19 @@ def block_zero_shot(results: Results, dataset: str, records: pd.DataFrame, block
 
 
 def collapse_check(results: Results, row, margin: float) -> dict:
-    """First and last block against zero-shot on the same samples; collapsed when either falls past `margin`."""
+    """First and last block against zero-shot on the same samples; collapsed when either falls past `margin`.
+
+    Order-independent methods carry no state, so their block-to-block changes are the classes' own; on a
+    class-blocked ordering the first and last blocks hold different classes, so only zero-shot on the same
+    samples is a fair reference there.
+    """
     records = results.records_of(row.dataset, row.method, row.ordering)
     blocks = list(row.block_accuracy)
     zs = block_zero_shot(results, row.dataset, records, int(row.block_size)) or [math.nan] * len(blocks)
     gain_first, gain_last = blocks[0] - zs[0], blocks[-1] - zs[-1]
-    below_zero_shot = bool(gain_last < -margin)
-    below_first = bool(gain_last < gain_first - margin)
+    stateful = not row.order_independent
+    below_zero_shot = stateful and bool(gain_last < -margin)
+    below_first = stateful and row.ordering_kind != "class_blocked" and bool(gain_last < gain_first - margin)
     return {"first_block": blocks[0], "last_block": blocks[-1], "zero_shot_first_block": zs[0],
             "zero_shot_last_block": zs[-1], "below_zero_shot": below_zero_shot, "below_first_block": below_first,
             "collapsed": below_zero_shot or below_first}
@@ -173,11 +179,6 @@ def dataset_metrics(results: Results, settings: Settings, runs: pd.DataFrame) ->
             for row in rows.itertuples(index=False):
                 entry = summary["per_ordering"][row.ordering]
                 entry.update(collapse_check(results, row, margin))
-                if row.order_independent:  # no state to drift: block-to-block changes are the classes' own
-                    entry["collapsed"] = entry["below_zero_shot"] = entry["below_first_block"] = False
-                elif row.ordering_kind == "class_blocked":  # first and last blocks hold different classes, whose
-                    entry["below_first_block"] = False      # gains differ anyway: only zero-shot on the same samples
-                    entry["collapsed"] = entry["below_zero_shot"]
                 counts = wins_losses(results, row)
                 if counts is not None:
                     entry["wins_vs_zero_shot"], entry["losses_vs_zero_shot"] = counts
