@@ -393,8 +393,8 @@ def stream_size(settings, name: str) -> int | None:
 def plan_passes(settings) -> dict:
     """`count_passes` over every run of `expand_plan`; runs on streams of unknown size are left out and named."""
     # cached: each dataset a run reads (itself or as a mixture member), once per view setting it needs
-    from dynaprompt.config import resolve_run
     from dynaprompt.plan import expand_plan, needed_views
+    from dynaprompt.resolve import resolve_run
 
     sizes = {name: stream_size(settings, name) for name in [*settings.datasets, *settings.mixtures]}
     runs, unsized = [], set()

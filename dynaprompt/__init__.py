@@ -13,8 +13,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.2.0"
 _EXPORTS = {
-    "PromptConfig": "config", "Settings": "config", "load_settings": "config", "resolve_run": "config",
-    "settings_from_params": "config", "ModelSpec": "config", "LoadedClip": "model", "WeightsNotFoundError": "model",
+    "PromptConfig": "specs", "Settings": "specs", "load_settings": "config", "resolve_run": "resolve",
+    "resolve": "resolve", "ResolvedRun": "resolve", "settings_from_params": "config", "ModelSpec": "specs",
+    "LoadedClip": "model", "WeightsNotFoundError": "model",
     "load_clip": "model", "TuningConfig": "objectives", "ResultsLayout": "results", "RunKey": "results",
     "RunSummary": "results", "RunResult": "runner", "execute": "runner", "run_stream": "runner",
     "store_run": "runner", "ParamsError": "schema", "PromptTextEncoder": "text", "ViewConfig": "views",

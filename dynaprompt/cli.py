@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_command(args) -> int:
     from .model import load_clip
+    from .resolve import resolve
     from .runner import execute, store_run
 
     settings = load_settings(args.params)
@@ -36,12 +37,13 @@ def run_command(args) -> int:
     if args.limit is not None and args.out is None:
         raise ValueError("--limit needs --out: a partial stream is not stored as the run's result")
     clip = load_clip(settings.model)
+    run = resolve(settings, key, clip.weights)
     if args.out is None:
         layout = ResultsLayout(settings.path("results"))
-        summary, reused = store_run(settings, key, clip, layout, progress=not args.no_progress)
+        summary, reused = store_run(run, clip, layout, progress=not args.no_progress)
         target = layout.records(key)
     else:
-        result = execute(settings, key, clip, limit=args.limit, progress=not args.no_progress)
+        result = execute(run, clip, limit=args.limit, progress=not args.no_progress)
         target, summary, reused = Path(args.out), result.summary, False
         write_atomically(result.records, target)
         write_atomically(summary.to_json(), target.with_suffix(".json"))

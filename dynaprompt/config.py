@@ -1,263 +1,39 @@
-"""params.yaml as typed settings, checked once as it loads, and the one resolver of each run's effective settings.
+"""params.yaml as typed settings (`dynaprompt.specs`), checked once as it loads.
 
-Every block of params.yaml has a dataclass here (or in the module that owns it); datasets, mixtures, methods and
-orderings become frozen specs. An unknown key, an unknown kind or an undefined name raises one `ParamsError`
-naming the key, its line in the file and the closest valid names, before any stage or task starts.
-
-Effective settings of a run (`resolve_run`), later entries win:
-    views:   `views:`  <  `datasets.<d>.augmix`  <  `methods.<m>.views`  <  `methods.<m>.per_dataset.<d>.views`
-    tuning:  `tuning:` <  `datasets.<d>.tuning`  <  `methods.<m>.tuning` <  `methods.<m>.per_dataset.<d>.tuning`
-    options: `methods.<m>.<option>`  <  `methods.<m>.per_dataset.<d>.<option>`
-A mixture takes the views of each member and the tuning its members agree on (or its own `tuning:`).
+Every block of params.yaml has a dataclass (in `specs`, or in the module that owns it); datasets, mixtures,
+methods and orderings become frozen specs. An unknown key, an unknown kind or an undefined name raises one
+`ParamsError` naming the key, its line in the file and the closest valid names, before any stage or task starts.
+What one run uses is resolved from them by `dynaprompt.resolve`.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from .objectives import TuningConfig
+from .resolve import OPENAI_IMAGENET, TIP_TEMPLATES, resolve_templates
 from .schema import CODE, ParamsError, Source, as_mapping, check_keys, closest, dataclass_from, fail, with_overrides
+from .specs import (
+    AblationConfig,
+    CalibrationConfig,
+    DatasetSpec,
+    MethodSpec,
+    MixtureSpec,
+    MlflowConfig,
+    ModelSpec,
+    OrderingSpec,
+    PathsConfig,
+    PromptConfig,
+    ReportConfig,
+    RunConfig,
+    Settings,
+    SweepConfig,
+    TestbedConfig,
+)
 from .views import ViewConfig
-
-
-@dataclass
-class ModelSpec:
-    """Which CLIP to load; every field is a `model:` key in params.yaml."""
-
-    arch: str = "tiny-clip"  # open_clip name, a bundled config name, or a path to a JSON model config
-    pretrained: str | None = None  # open_clip tag ('openai'), a weights file, or null for random weights
-    cache_dir: str | None = None  # where to look for cached hub weights (HF cache layout)
-    allow_download: bool = False  # never reach for the network unless asked
-    init_seed: int = 0  # seeds random weights, so a random-weight model is reproducible
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    """The learnable context; the `prompt:` block."""
-
-    n_ctx: int = 4
-    ctx_init: str | None = "a photo of a"  # null: CoOp's random init
-    truncate: bool = True  # cut token sequences after the last end-of-text token
-    init_seed: int = 0  # only used when ctx_init is null
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The `run:` block: what every run shares."""
-
-    block_size: int = 200  # accuracy is reported per block of this many samples along the stream
-    threads: int = 1  # torch threads of one run, from every entry point; part of the run's identity
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One `datasets:` entry: the adapter's kind and options, and what the dataset sets for its runs."""
-
-    name: str
-    kind: str
-    options: dict  # the adapter's keyword arguments (root, split, n_samples, ...)
-    augmix: bool | None = None  # AugMix views (TPT does it on the fine-grained sets); None: `views.augmix`
-    tuning: dict = field(default_factory=dict)  # overrides of `tuning:` for this dataset (lr)
-    template: str | None = None  # the dataset's own CoOp template, e.g. "a photo of a {}, a type of pet."
-    expected_samples: int | None = None  # the validate stage checks the count (known test splits are built in)
-
-
-@dataclass(frozen=True)
-class MixtureSpec:
-    """Several datasets sharing a label space as one stream with a `domain` column."""
-
-    name: str
-    members: tuple
-    per_member: int | None = None
-    seed: int = 0
-    tuning: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One `methods:` entry: a method kind, its options, and its overrides of tuning and views."""
-
-    name: str
-    kind: str
-    options: dict = field(default_factory=dict)
-    tuning: dict = field(default_factory=dict)
-    views: dict = field(default_factory=dict)
-    per_dataset: dict = field(default_factory=dict)  # dataset -> {option / tuning / views overrides}
-    templates: object = None  # the text classifier's templates (methods that take them; see resolve_templates)
-    derived_from: str | None = None  # set on the variants that ablations and calibration generate
-
-    @property
-    def order_independent(self) -> bool:
-        from .methods import METHODS
-
-        return METHODS[self.kind].order_independent
-
-
-@dataclass(frozen=True)
-class OrderingSpec:
-    """One ordering: a kind and its options (seed, block)."""
-
-    name: str
-    kind: str
-    options: dict = field(default_factory=dict)
-
-    @property
-    def seed(self) -> int | None:
-        return self.options.get("seed")
-
-    def as_dict(self) -> dict:
-        return {"kind": self.kind, **self.options}
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """`sweep.schedule`: the deployment that adds orderings until the intervals are tight."""
-
-    name: str = "robustness"
-    cron: str | None = None
-    add_orderings: int = 2  # new orderings per order-dependent kind per scheduled run
-    target_half_width: float = 0.01  # stop once every (dataset, method) 95% interval half-width is below this
-    max_orderings: int = 50  # never more orderings of one kind on one dataset than this
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """The `sweep:` block."""
-
-    datasets: tuple | None = None  # null: every dataset and mixture
-    methods: tuple | None = None  # null: every declared method
-    orderings: tuple | None = None  # null: every ordering (cyclic ones pair with mixtures only)
-    runner: str = "process"  # process | thread | dask
-    workers: int = 2  # parallel runs
-    dask_address: str | None = None  # tcp://scheduler:8786; null: a LocalCluster
-    gpu_slots: int = 1  # runs sharing one GPU at a time (a Prefect global concurrency limit)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-
-    def __post_init__(self):
-        if self.runner not in ("process", "thread", "dask"):
-            raise ValueError(f"runner must be 'process', 'thread' or 'dask', got {self.runner!r}")
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """The `calibration:` block: TPT's learning rate, chosen on a stream the report does not sweep."""
-
-    dataset: str | None = None  # null: no calibration runs
-    ordering: str = "shuffle-0"
-    methods: tuple = ("tpt",)  # TPT picks the lr; the others are drawn against it
-    lrs: tuple = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
-    reference: str = "zero_shot"  # the gain is measured against this method
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    """The `ablations:` block: the paper's ablations of one DynaPrompt entry, on one stream."""
-
-    dataset: str | None = None  # null: no ablation runs
-    orderings: tuple = ()
-    base: str = "dynaprompt"
-    references: tuple = ("zero_shot", "tpt")
-    criteria: tuple = ("entropy_only", "probdiff_only")
-    no_append: bool = True
-    buffer_sizes: tuple = (1, 5, 20)
-    entropy_margins: tuple = (0.0,)
-    probdiff_margins: tuple = (0.0,)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """The `report:` block."""
-
-    collapse_margin: float = 0.10  # a last block this far below zero-shot (same samples) or its first block
-    confidence: float = 0.95
-    bootstrap_samples: int = 2000
-    seed: int = 0
-    min_orderings: int = 3  # fewer orderings than this: the interval is flagged "too few orderings"
-    max_panels: int = 6  # datasets per figure / DynaPrompt runs in the buffer figure, plan order
-    dpi: int = 110
-
-
-@dataclass(frozen=True)
-class MlflowConfig:
-    """The `mlflow:` block."""
-
-    db: str = "mlflow.db"  # sqlite file, relative to the params file
-    artifacts: str = "mlartifacts"
-    experiment: str = "dynaprompt"
-
-
-@dataclass(frozen=True)
-class PathsConfig:
-    """The `paths:` block, relative to the params file's folder."""
-
-    prepared: str = "data/prepared"
-    features: str = "data/features"
-    models: str = "data/models"
-    validation: str = "reports/validation"
-    reports: str = "reports"
-    results: str = "results"
-
-
-@dataclass(frozen=True)
-class TestbedConfig:
-    """The `testbed:` block: how strongly the model responds to prompts, measured on these streams."""
-
-    streams: tuple = ()
-    templates: str = "pretrain"  # a template set whose zero-shot spread is reported (`pretrain`: the bundled
-    #   model's training, style and unseen templates)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """params.yaml, checked and typed."""
-
-    model: ModelSpec = field(default_factory=ModelSpec)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    views: ViewConfig = field(default_factory=ViewConfig)
-    tuning: TuningConfig = field(default_factory=TuningConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    datasets: dict = field(default_factory=dict)
-    mixtures: dict = field(default_factory=dict)
-    methods: dict = field(default_factory=dict)  # declared and derived (ablation, calibration) methods
-    orderings: dict = field(default_factory=dict)
-    templates: dict = field(default_factory=dict)  # name -> list of templates
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    ablations: AblationConfig = field(default_factory=AblationConfig)
-    testbed: TestbedConfig = field(default_factory=TestbedConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    pretrain: object = None  # dynaprompt.pretrain.PretrainConfig (imported lazily: it pulls in training code)
-    base_dir: Path = Path(".")  # relative paths in params are relative to the params file
-    raw: dict = field(default_factory=dict)  # the params mapping as read
-
-    def path(self, name: str) -> Path:
-        """A `paths:` entry resolved against the params file's folder."""
-        return self.base_dir / getattr(self.paths, name)
-
-    def stream(self, name: str) -> DatasetSpec | MixtureSpec:
-        """A dataset or mixture by name; an error naming the defined ones otherwise."""
-        return lookup({**self.datasets, **self.mixtures}, name, "dataset")
-
-    def method(self, name: str) -> MethodSpec:
-        return lookup(self.methods, name, "method")
-
-    def ordering(self, name: str) -> OrderingSpec:
-        return lookup(self.orderings, name, "ordering")
-
-
-def lookup(table, name: str, what: str):
-    """`table[name]`, or one error naming what is defined and the closest names."""
-    if name not in table:
-        raise ParamsError(f"{what} {name!r} is not defined in params{closest(name, table)} "
-                          f"(defined: {sorted(table)})")
-    return table[name]
-
 
 TOP_LEVEL = ("paths", "model", "prompt", "views", "tuning", "run", "methods", "orderings", "templates", "pretrain",
              "testbed", "calibration", "datasets", "mixtures", "sweep", "ablations", "report", "mlflow")
@@ -498,127 +274,3 @@ def load_settings(path: str | Path) -> Settings:
     path = Path(path)
     params = load_params(path)
     return settings_from_params(params, base_dir=path.resolve().parent, source=Source.of_file(path))
-
-
-# ---------------------------------------------------------------- templates
-
-TIP_TEMPLATES = (  # the 7 templates of Tip-Adapter, used by TDA, DMN and OnZeta on the ImageNet family
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
-    "art of the {}.", "a photo of the small {}.",
-)
-
-
-OPENAI_IMAGENET = "open_clip's OPENAI_IMAGENET_TEMPLATES"  # read from open_clip when a run uses them
-
-
-def template_set(settings: Settings, name: str) -> tuple:
-    """A template set by name; OpenAI's 80 ImageNet templates come from open_clip on first use."""
-    value = settings.templates[name]
-    if value == OPENAI_IMAGENET:
-        from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-        return tuple(t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES)
-    return value
-
-
-def resolve_templates(settings: Settings, spec: MethodSpec, dataset: str, check_only: bool = False,
-                      source: Source = CODE):
-    """The templates a method's text classifier averages on `dataset`; None for the prompt's own v0.
-
-    `templates` is null (v0), a set name (`tip`, `openai_imagenet`, a `templates:` entry, or `dataset` for the
-    dataset's CoOp template), a list of those and literal templates, or a mapping dataset -> any of these with a
-    `default`.
-    """
-    value = spec.templates
-    if isinstance(value, dict):
-        value = value.get(dataset, value.get("default"))
-    if value is None:
-        return None
-    out = []
-    for item in [value] if isinstance(value, str) else list(value):
-        if item == "dataset":
-            entry = settings.datasets.get(dataset)
-            out.append((entry.template if entry and entry.template else "a photo of a {}."))
-        elif item in settings.templates:
-            out.extend(() if check_only else template_set(settings, item))
-        elif isinstance(item, str) and "{}" in item:
-            out.append(item)
-        else:
-            fail(source, ("methods", spec.name, "templates"),
-                 f"{item!r} is neither a template set{closest(item, settings.templates)} nor a template with '{{}}'")
-    return None if check_only else tuple(out)
-
-
-# ---------------------------------------------------------------- the resolver
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What one (dataset, method) run uses, every override applied."""
-
-    views: ViewConfig
-    tuning: TuningConfig
-    options: object  # the method kind's Config
-    templates: tuple | None
-    block_size: int
-    threads: int
-
-    def describe(self) -> dict:
-        """The settings as flat, searchable key/values (MLflow params, the run summary)."""
-        out = {f"views.{k}": v for k, v in asdict(self.views).items()}
-        out.update({f"tuning.{k}": v for k, v in asdict(self.tuning).items()})
-        out.update({f"method.{k}": v for k, v in asdict(self.options).items()})
-        out["method.templates"] = "v0" if self.templates is None else f"{len(self.templates)} templates"
-        out.update({"run.block_size": self.block_size, "run.threads": self.threads})
-        return out
-
-
-def dataset_views(settings: Settings, dataset: str) -> ViewConfig:
-    """A dataset's own views: `views:` with its AugMix setting."""
-    spec = settings.datasets[dataset]
-    return settings.views if spec.augmix is None else replace(settings.views, augmix=bool(spec.augmix))
-
-
-def method_views(settings: Settings, method: MethodSpec, dataset: str) -> ViewConfig:
-    """The views a method sees on a (non-mixture) dataset."""
-    overrides = {**method.views, **dict(method.per_dataset.get(dataset, {})).get("views", {})}
-    return with_overrides(dataset_views(settings, dataset), overrides)
-
-
-def stream_tuning(settings: Settings, dataset: str) -> dict:
-    """The tuning overrides a dataset (or a mixture, from its members when they agree) sets."""
-    if dataset in settings.mixtures:
-        mixture = settings.mixtures[dataset]
-        if mixture.tuning:
-            return dict(mixture.tuning)
-        members = [dict(settings.datasets[m].tuning) for m in mixture.members]
-        if any(m != members[0] for m in members):
-            raise ParamsError(f"mixture {dataset!r}: its members set different `tuning:` "
-                              f"({dict(zip(mixture.members, members))}); give the mixture its own `tuning:`")
-        return members[0]
-    return dict(settings.stream(dataset).tuning)
-
-
-def resolve_run(settings: Settings, dataset: str, method: str) -> RunSettings:
-    """The effective settings of `method` on `dataset` (precedence in the module docstring)."""
-    from .methods import METHODS
-
-    spec = settings.method(method)
-    settings.stream(dataset)
-    per_dataset = dict(spec.per_dataset.get(dataset, {}))
-    tuning = with_overrides(settings.tuning, {**stream_tuning(settings, dataset), **spec.tuning,
-                                             **per_dataset.pop("tuning", {})})
-    per_dataset.pop("views", None)
-    members = settings.mixtures[dataset].members if dataset in settings.mixtures else (dataset,)
-    views = {m: method_views(settings, spec, m) for m in members}
-    config = dataclass_from(METHODS[spec.kind].Config, {**spec.options, **per_dataset})
-    return RunSettings(views=views[members[0]], tuning=tuning, options=config,
-                       templates=resolve_templates(settings, spec, dataset), block_size=settings.run.block_size,
-                       threads=settings.run.threads)
-
-
-def member_views(settings: Settings, dataset: str, method: str) -> dict:
-    """The views of each member of a stream (one entry for a plain dataset)."""
-    spec = settings.method(method)
-    members = settings.mixtures[dataset].members if dataset in settings.mixtures else (dataset,)
-    return {m: method_views(settings, spec, m) for m in members}

@@ -128,6 +128,9 @@ class FeatureStore:
         self.meta_file.write_text(json.dumps(meta))
         return {"samples": len(sample_ids), "reused": reused, "encoded": len(sample_ids) - reused}
 
+    def open(self, device: torch.device | str = "cpu", identity: dict | None = None) -> CachedViewSource:
+        return self.load(device, identity)
+
     def load(self, device: torch.device | str = "cpu", identity: dict | None = None) -> CachedViewSource:
         """The whole cache as a view source; incomplete, or built for another encoder or views: an error."""
         meta = self.read_meta()

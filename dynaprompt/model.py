@@ -9,7 +9,7 @@ import open_clip
 import torch
 
 from .blocks import use_lean_blocks
-from .config import ModelSpec  # noqa: F401  (defined with the other params blocks; re-exported here)
+from .specs import ModelSpec  # noqa: F401  (defined with the other params blocks; re-exported here)
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")

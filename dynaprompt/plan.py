@@ -8,8 +8,8 @@ A run that two groups share (same dataset, method and ordering) is planned once,
 """
 from __future__ import annotations
 
-from .config import OrderingSpec, Settings
 from .results import RunKey
+from .specs import OrderingSpec, Settings
 
 GROUPS = ("main", "calibration", "ablation", "added")
 
@@ -66,7 +66,7 @@ def expand_plan(settings: Settings, added: list[OrderingSpec] = ()) -> list[tupl
 
 def needed_views(settings: Settings, dataset: str) -> list:
     """The view settings the planned runs see on `dataset` (directly or as a mixture member); none if unused."""
-    from .config import method_views
+    from .resolve import method_views
 
     views = []
     for key, _ in expand_plan(settings):

@@ -24,6 +24,8 @@ RESULT_CODE = (
     "dynaprompt/records.py",
     "dynaprompt/runner.py",
     "dynaprompt/config.py",
+    "dynaprompt/specs.py",
+    "dynaprompt/resolve.py",
 )
 SWEEP_CODE = (
     "dynaprompt/plan.py",
@@ -61,16 +63,12 @@ def weights_fingerprint(weights: str) -> str:
     return f"{file.name}:{file.stat().st_size}:{head}"
 
 
-def run_fingerprint(settings, key, weights: str) -> str:
+def fingerprint_run(settings, key, method, run, ordering: dict, weights: str) -> str:
     """A hash of everything a run's records depend on; equal fingerprints mean the records can be reused.
 
-    The ordering `__shared__` fingerprints the manifest-order run that order-independent methods share.
+    `run` is the run's resolved settings and `ordering` its ordering as data (natural for the `__shared__`
+    manifest-order run that order-independent methods share); `dynaprompt.resolve.resolve` is the one caller.
     """
-    from .config import member_views, resolve_run
-    from .results import SHARED_ORDERING
-
-    run = resolve_run(settings, key.dataset, key.method)
-    method = settings.method(key.method)
     stream = settings.stream(key.dataset)
     members = getattr(stream, "members", ())
     relevant = {
@@ -78,16 +76,22 @@ def run_fingerprint(settings, key, weights: str) -> str:
         "weights": weights_fingerprint(weights),
         "prompt": asdict(settings.prompt),
         "run": run.describe(),
-        "views": {m: asdict(v) for m, v in member_views(settings, key.dataset, key.method).items()},
+        "views": {m: asdict(v) for m, v in run.member_views},
         "templates": run.templates,
         "stream": _plain(stream),
         "members": {m: _plain(settings.datasets[m]) for m in members},
         "method_kind": method.kind,
-        "ordering": ({"kind": "natural"} if key.ordering == SHARED_ORDERING
-                     else settings.ordering(key.ordering).as_dict()),
+        "ordering": ordering,
         "code": code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def run_fingerprint(settings, key, weights: str) -> str:
+    """The fingerprint of `key` under `settings` (a shorthand for `resolve(settings, key, weights).fingerprint`)."""
+    from .resolve import resolve
+
+    return resolve(settings, key, weights).fingerprint
 
 
 def _plain(spec) -> dict:

@@ -44,6 +44,17 @@ def make_record(position: int, sample_id: str, label: int, outcome: Outcome, sec
     }
 
 
+def record_from_row(row: dict) -> dict:
+    """A record read back from a records table, with the types `make_record` gives (lists of ints, not arrays)."""
+    out = {"position": int(row["position"]), "sample_id": str(row["sample_id"]), "label": int(row["label"]),
+           "pred": int(row["pred"]), "correct": bool(row["correct"]),
+           "entropy_before": float(row["entropy_before"]), "entropy_after": float(row["entropy_after"]),
+           "selected": [int(i) for i in row["selected"]], "n_selected": int(row["n_selected"]),
+           "appended": [int(i) for i in row["appended"]], "deleted": [int(i) for i in row["deleted"]],
+           "buffer_size": int(row["buffer_size"]), "seconds": float(row["seconds"])}
+    return out
+
+
 def records_frame(records: list[dict]) -> pd.DataFrame:
     """The records as a table with the stable column order (an empty run still has the columns)."""
     return pd.DataFrame(records, columns=RECORD_COLUMNS)

@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import OrderingSpec, Settings, parse_ordering
+from .config import parse_ordering
 from .results import write_atomically
+from .specs import OrderingSpec, Settings
 
 ADDED_KINDS = ("shuffle", "class_blocked", "cyclic")  # the order-dependent kinds a scheduled sweep extends
 

@@ -9,6 +9,7 @@ module; no other file spells a results path.
     results/runs.parquet                                one row per finished run (RUN_COLUMNS)
     results/runs/<dataset>/<method>/<ordering>.parquet  one row per test sample, in stream order
     results/runs/<dataset>/<method>/<ordering>.json     the run's summary (RunSummary), written last
+    results/runs/<dataset>/<method>/<ordering>.checkpoint/  a run in progress (dynaprompt.checkpoint)
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class RunSummary:
     seconds_total: float
     fingerprint: str
     weights: str = ""
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, or cuda:<the GPU's index on its node>
+    device_info: dict = field(default_factory=dict)  # dynaprompt.devices.describe_device: name, CUDA, driver, ...
     wall_seconds: float = 0.0
     started_at: float = 0.0  # unix time
     ended_at: float = 0.0
@@ -128,6 +130,12 @@ class ResultsLayout:
 
     def summary(self, key: RunKey) -> Path:
         return self.records(key).with_suffix(".json")
+
+    def checkpoint(self, key: RunKey, fingerprint: str, every: int):
+        """The run's checkpoint folder next to its records (dynaprompt.checkpoint.RunCheckpoint)."""
+        from .checkpoint import RunCheckpoint
+
+        return RunCheckpoint(self.records(key).with_suffix(".checkpoint"), fingerprint, every)
 
     def read_summary(self, key: RunKey) -> RunSummary | None:
         """The run's summary when both its files exist, else None."""

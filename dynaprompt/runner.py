@@ -1,7 +1,9 @@
 """One run: a method over one ordering of one dataset -> per-sample records and a summary, stored once.
 
-`store_run` is the one executor: the CLI and the sweep's task both call it, so a run gives the same records
-from either entry point (same settings, same torch thread count, same code).
+`store_run` is the one executor: the CLI and the sweep's task both call it with a run resolved once
+(`dynaprompt.resolve.resolve`), so a run gives the same records from either entry point (same settings, same
+torch thread count, same code). Every `run.checkpoint_every` samples a run writes its records so far and its
+method's state (`RunCheckpoint`); a run killed in between resumes there with the same records.
 """
 from __future__ import annotations
 
@@ -13,17 +15,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import RunSettings, Settings, member_views, resolve_run
+from .checkpoint import RunCheckpoint
 from .datasets import ManifestDataset, open_dataset
 from .datasets.base import MixtureDataset
+from .devices import describe_device, device_line
 from .features import FeatureStore, ImageViewSource, MixtureViewSource, ViewEncoder, cache_identity
 from .methods import build_method
 from .model import LoadedClip
 from .objectives import NonFiniteError
 from .orderings import order_samples
-from .provenance import run_fingerprint
 from .records import make_record, records_frame, summarize
-from .results import SHARED_ORDERING, ResultsLayout, RunKey, RunSummary
+from .resolve import ResolvedRun, resolve
+from .results import ResultsLayout, RunKey, RunSummary
+from .specs import Settings
 from .text import PromptTextEncoder
 
 
@@ -43,19 +47,33 @@ class RunResult:
     summary: RunSummary
 
 
-def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = False, desc: str = "") -> pd.DataFrame:
+def start_method(method, n_samples: int) -> None:
+    """A new stream: `start_stream(n)` for a method that needs the stream's length (OnZeta), else `reset()`."""
+    if hasattr(method, "start_stream"):
+        method.start_stream(n_samples)
+    else:
+        method.reset()
+
+
+def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = False, desc: str = "",
+               checkpoint: RunCheckpoint | None = None) -> pd.DataFrame:
     """Feed `sample_ids` in order to `method` (reset first); one record per sample.
 
+    With a `checkpoint`, a stream killed earlier resumes after the last sample it saved (its records and the
+    method's state), and every `checkpoint.every` samples the records so far and the state are saved again.
     Non-finite view features, logits, losses or contexts stop the stream with a NonFiniteError naming the
     sample and its position: a NaN must not become "predicted class 0" and poison the samples after it.
     """
-    if hasattr(method, "start_stream"):  # a method that needs the stream's length (OnZeta's schedule)
-        method.start_stream(len(sample_ids))
-    else:
-        method.reset()
-    records = []
-    bar = tqdm(total=len(sample_ids), desc=desc, disable=not progress, unit="sample")
-    for position, sample_id in enumerate(sample_ids):
+    start_method(method, len(sample_ids))
+    records, first = [], 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        records, state = saved
+        method.load_state_dict(state)
+        first = len(records)
+    bar = tqdm(total=len(sample_ids), initial=first, desc=desc, disable=not progress, unit="sample")
+    for position in range(first, len(sample_ids)):
+        sample_id = sample_ids[position]
         try:
             view_features = view_source(sample_id)
             if not torch.isfinite(view_features).all():
@@ -70,6 +88,8 @@ def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = F
         except (OSError, ValueError, KeyError) as error:
             raise SampleError(f"{error} at sample {sample_id!r} (stream position {position})") from error
         records.append(make_record(position, sample_id, labels[sample_id], outcome, seconds))
+        if checkpoint is not None and checkpoint.due(len(records), len(sample_ids)):
+            checkpoint.save(records, method.state_dict())
         bar.update(1)
         if progress and position % 20 == 0:
             bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}")
@@ -77,11 +97,11 @@ def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = F
     return records_frame(records)
 
 
-def build_text_encoder(clip: LoadedClip, classnames, settings: Settings) -> PromptTextEncoder:
-    """The prompt encoder of `settings.prompt` over `classnames`."""
+def build_text_encoder(clip: LoadedClip, classnames, settings: Settings, max_tokens: int = 0) -> PromptTextEncoder:
+    """The prompt encoder of `settings.prompt` over `classnames`, `max_tokens` per text-encoder pass."""
     prompt = settings.prompt
     return PromptTextEncoder(clip.model, clip.tokenizer, classnames, n_ctx=prompt.n_ctx, ctx_init=prompt.ctx_init,
-                             truncate=prompt.truncate, init_seed=prompt.init_seed)
+                             truncate=prompt.truncate, init_seed=prompt.init_seed, max_tokens=max_tokens)
 
 
 def open_stream(settings: Settings, name: str) -> ManifestDataset:
@@ -99,61 +119,67 @@ def feature_store(settings: Settings, dataset: str, views) -> FeatureStore:
     return FeatureStore.for_views(settings.path("features") / dataset, views)
 
 
-def view_source_for(settings: Settings, data: ManifestDataset, clip: LoadedClip, method: str):
-    """Cached view features where the embed stage wrote them, else the image encoder over the images."""
-    views = member_views(settings, data.name, method)
+def view_source_for(run: ResolvedRun, data: ManifestDataset, clip: LoadedClip):
+    """Cached view features where the embed stage wrote them, else the image encoder over the images.
+
+    A mixture reads only the rows of its chosen samples from each member's cache.
+    """
+    views = run.run.views_by_member
     if isinstance(data, MixtureDataset):
-        return MixtureViewSource({m: member_source(settings, d, clip, views[m]) for m, d in data.members.items()})
-    return member_source(settings, data, clip, views[data.name])
+        return MixtureViewSource({m: member_source(run.settings, d, clip, views[m]) for m, d in data.members.items()})
+    return member_source(run.settings, data, clip, views[data.name])
 
 
 def member_source(settings: Settings, data: ManifestDataset, clip: LoadedClip, views):
     store = feature_store(settings, data.name, views)
     if store.is_complete():
-        return store.load(clip.device, identity=cache_identity(clip, settings.model.arch, views))
+        return store.open(clip.device, identity=cache_identity(clip, settings.model.arch, views))
     return ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp))
 
 
-def execute(settings: Settings, key: RunKey, clip: LoadedClip, limit: int | None = None, view_source=None,
-            progress: bool = False) -> RunResult:
-    """Run `key.method` over `key.ordering` of `key.dataset` (`__shared__`: the manifest order)."""
-    run = resolve_run(settings, key.dataset, key.method)
-    method_spec = settings.method(key.method)
-    data = open_stream(settings, key.dataset)
-    ordering = {"kind": "natural"} if key.ordering == SHARED_ORDERING else settings.ordering(key.ordering)
-    stream = order_samples(data.manifest, ordering)[:limit]
+def execute(run: ResolvedRun, clip: LoadedClip, limit: int | None = None, view_source=None,
+            progress: bool = False, checkpoint: RunCheckpoint | None = None) -> RunResult:
+    """Run `run.key.method` over its ordering of its dataset (`__shared__`: the manifest order)."""
+    data = open_stream(run.settings, run.key.dataset)
+    stream = order_samples(data.manifest, run.ordering)[:limit]
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    source = view_source or view_source_for(settings, data, clip, key.method)
-    text = build_text_encoder(clip, data.classnames, settings)
+    source = view_source or view_source_for(run, data, clip)
+    text = build_text_encoder(clip, data.classnames, run.settings, run.run.max_text_tokens)
     started = time.time()
     # the run's thread count is part of its identity (sums are split by thread); every run of a process uses
     # the same `run.threads`, so concurrent runs in one process never set it differently
-    torch.set_num_threads(run.threads)
-    method = build_method(method_spec.kind, text, run.tuning, run.options, run.templates)
+    torch.set_num_threads(run.run.threads)
+    device = describe_device(clip.device)
+    if progress:
+        print(f"{run.label}: {device_line(device)}", flush=True)
+    method = build_method(run.method.kind, text, run.run.tuning, run.run.options, run.run.templates)
     try:
-        records = run_stream(method, stream, labels, source, progress=progress, desc=key.label)
+        records = run_stream(method, stream, labels, source, progress=progress, desc=run.label,
+                             checkpoint=checkpoint)
     except NonFiniteError as error:
-        raise RunFailed(f"{key.label}: non-finite {error}") from None
+        raise RunFailed(f"{run.label}: non-finite {error}") from None
     except SampleError as error:
-        raise RunFailed(f"{key.label}: {error}") from None
+        raise RunFailed(f"{run.label}: {error}") from None
     if "domain" in data.manifest.columns:
         records["domain"] = records["sample_id"].map(dict(zip(data.manifest["sample_id"], data.manifest["domain"])))
-    summary = make_summary(settings, key, run, records, clip, started, method)
+    summary = make_summary(run, records, started, method, device)
     return RunResult(records, summary)
 
 
-def make_summary(settings: Settings, key: RunKey, run: RunSettings, records: pd.DataFrame, clip: LoadedClip,
-                 started: float, method) -> RunSummary:
-    method_spec = settings.method(key.method)
-    ordering_kind = "natural" if key.ordering == SHARED_ORDERING else settings.ordering(key.ordering).kind
+def make_summary(run: ResolvedRun, records: pd.DataFrame, started: float, method, device: dict) -> RunSummary:
     final = {"final_buffer": method.final_buffer()} if hasattr(method, "final_buffer") else {}
     return RunSummary(
-        dataset=key.dataset, method=key.method, method_kind=method_spec.kind, ordering=key.ordering,
-        ordering_kind=ordering_kind, order_independent=method_spec.order_independent,
-        **summarize(records, run.block_size), fingerprint=run_fingerprint(settings, key, clip.weights),
-        weights=clip.weights, device=str(clip.device), wall_seconds=time.time() - started, started_at=started,
-        ended_at=time.time(), settings=run.describe(), final_state=final,
+        dataset=run.key.dataset, method=run.key.method, method_kind=run.method.kind, ordering=run.key.ordering,
+        ordering_kind=run.ordering_kind, order_independent=run.order_independent,
+        **summarize(records, run.run.block_size), fingerprint=run.fingerprint, weights=run.weights,
+        device=device_name(device), device_info=device, wall_seconds=time.time() - started, started_at=started,
+        ended_at=time.time(), settings=run.run.describe(), final_state=final,
     )
+
+
+def device_name(device: dict) -> str:
+    """'cpu' or 'cuda:<physical index>' (the index on the node, whatever the process sees)."""
+    return "cpu" if device["type"] == "cpu" else f"cuda:{device['physical_index']}"
 
 
 def reorder(shared: pd.DataFrame, stream: list[str]) -> pd.DataFrame:
@@ -163,33 +189,42 @@ def reorder(shared: pd.DataFrame, stream: list[str]) -> pd.DataFrame:
     return reordered[shared.columns]
 
 
-def store_run(settings: Settings, key: RunKey, clip: LoadedClip, layout: ResultsLayout,
+def compute(run: ResolvedRun, clip: LoadedClip, layout: ResultsLayout, progress: bool = False) -> RunSummary:
+    """Execute `run` with checkpoints next to its records, store it, drop the checkpoint; its summary."""
+    checkpoint = layout.checkpoint(run.key, run.fingerprint, run.settings.run.checkpoint_every)
+    result = execute(run, clip, progress=progress, checkpoint=checkpoint)
+    layout.write_run(run.key, result.records, result.summary)
+    checkpoint.clear()
+    return result.summary
+
+
+def store_run(run: ResolvedRun, clip: LoadedClip, layout: ResultsLayout,
               progress: bool = False) -> tuple[RunSummary, bool]:
     """Compute and store one run unless it is already finished with the same fingerprint; (summary, reused).
 
     Order-independent methods compute their records once per dataset, in manifest order, and every ordering
     gets them reordered.
     """
-    fingerprint = run_fingerprint(settings, key, clip.weights)
-    done = layout.finished(key, fingerprint)
+    done = layout.finished(run.key, run.fingerprint)
     if done is not None:
         return done, True
-    if not settings.method(key.method).order_independent:
-        result = execute(settings, key, clip, progress=progress)
-        layout.write_run(key, result.records, result.summary)
-        return result.summary, False
-    shared, started = key.shared(), time.time()
-    if layout.finished(shared, run_fingerprint(settings, shared, clip.weights)) is None:
+    if not run.order_independent:
+        return compute(run, clip, layout, progress), False
+    shared, started = run.shared(), time.time()
+    if layout.finished(shared.key, shared.fingerprint) is None:
         try:
-            result = execute(settings, shared, clip, progress=progress)
+            compute(shared, clip, layout, progress)
         except RunFailed as error:  # name the run that was asked for; the shared run is how it is computed
-            raise RunFailed(f"{key.label} (computed once per dataset, in manifest order, as {error})") from None
-        layout.write_run(shared, result.records, result.summary)
-    data = open_stream(settings, key.dataset)
-    records = reorder(layout.read_records(shared), order_samples(data.manifest, settings.ordering(key.ordering)))
-    base = layout.read_summary(shared)
-    summary = RunSummary(**{**vars(base), **summarize(records, settings.run.block_size), "ordering": key.ordering,
-                            "ordering_kind": settings.ordering(key.ordering).kind, "fingerprint": fingerprint,
+            raise RunFailed(f"{run.label} (computed once per dataset, in manifest order, as {error})") from None
+    data = open_stream(run.settings, run.key.dataset)
+    records = reorder(layout.read_records(shared.key), order_samples(data.manifest, run.ordering))
+    base = layout.read_summary(shared.key)
+    summary = RunSummary(**{**vars(base), **summarize(records, run.run.block_size), "ordering": run.key.ordering,
+                            "ordering_kind": run.ordering_kind, "fingerprint": run.fingerprint,
                             "started_at": started, "ended_at": time.time(), "wall_seconds": time.time() - started})
-    layout.write_run(key, records, summary)
+    layout.write_run(run.key, records, summary)
     return summary, False
+
+
+__all__ = ["RunFailed", "RunKey", "RunResult", "SampleError", "execute", "open_stream", "resolve", "run_stream",
+           "store_run"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def text_tower(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,10 +47,18 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class PromptTextEncoder:
-    """Text features of `{ctx} {classname}.` for any stack of contexts, all prompts x classes at once."""
+    """Text features of `{ctx} {classname}.` for any stack of contexts, all prompts x classes at once.
 
-    def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a", truncate=True, init_seed=0):
+    `max_tokens` bounds the tokens of one pass through the text transformer: prompts x classes beyond it run in
+    chunks of whole sequences, each under activation checkpointing when gradients flow, so the memory of a step
+    is one chunk's activations whatever the number of prompts and classes (a DynaPrompt step over 10 prompts x
+    1000 classes is ~180k tokens at ViT-B/16). 0: one pass, however large.
+    """
+
+    def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a", truncate=True, init_seed=0,
+                 max_tokens: int = 0):
         self.model = model
+        self.max_tokens = max_tokens
         self.tokenizer = tokenizer
         self.tower = text_tower(model)
         truncate = truncate and self.tower.attn_mask is not None  # only a causal mask makes the cut exact
@@ -87,20 +96,36 @@ class PromptTextEncoder:
         return self.tokens.shape[1]
 
     def encode(self, contexts: torch.Tensor) -> torch.Tensor:
-        """Unit-norm text features [P, C, E] for contexts [P, n_ctx, width], in one batched pass."""
-        n_prompts, n_classes = contexts.shape[0], self.n_classes
-        length = self.sequence_length
-        context_per_class = contexts.unsqueeze(1).expand(-1, n_classes, -1, -1)
-        sequences = torch.cat(
-            [
-                self.prefix.expand(n_prompts, -1, -1, -1),
-                context_per_class.to(self.prefix.dtype),
-                self.suffix.expand(n_prompts, -1, -1, -1),
-            ],
-            dim=2,
-        ).reshape(n_prompts * n_classes, length, -1)
-        x = run_text_tower(self.tower, sequences, self.eot.repeat(n_prompts))
-        return F.normalize(x, dim=-1).reshape(n_prompts, n_classes, -1)
+        """Unit-norm text features [P, C, E] for contexts [P, n_ctx, width]: one pass, or chunks of rows."""
+        n_rows = contexts.shape[0] * self.n_classes
+        per_chunk = self.sequences_per_chunk
+        if n_rows <= per_chunk:
+            features = self._encode_rows(contexts, 0, n_rows)
+        else:
+            save_memory = torch.is_grad_enabled() and contexts.requires_grad
+            chunks = []
+            for start in range(0, n_rows, per_chunk):
+                end = min(start + per_chunk, n_rows)
+                if save_memory:  # keep only each chunk's inputs; its activations are recomputed in backward
+                    chunks.append(checkpoint(self._encode_rows, contexts, start, end, use_reentrant=False))
+                else:
+                    chunks.append(self._encode_rows(contexts, start, end))
+            features = torch.cat(chunks)
+        return features.reshape(contexts.shape[0], self.n_classes, -1)
+
+    @property
+    def sequences_per_chunk(self) -> int:
+        """Whole sequences per pass under `max_tokens` (at least one); unbounded without a budget."""
+        if not self.max_tokens:
+            return 1 << 62
+        return max(1, self.max_tokens // self.sequence_length)
+
+    def _encode_rows(self, contexts: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Unit-norm features [end - start, E] of rows start..end of the prompts x classes grid (prompt-major)."""
+        rows = torch.arange(start, end, device=self.prefix.device)
+        prompt, cls = rows // self.n_classes, rows % self.n_classes
+        sequences = torch.cat([self.prefix[cls], contexts[prompt].to(self.prefix.dtype), self.suffix[cls]], dim=1)
+        return F.normalize(run_text_tower(self.tower, sequences, self.eot[cls]), dim=-1)
 
     @torch.no_grad()
     def encode_templates(self, templates) -> torch.Tensor:

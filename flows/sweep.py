@@ -20,33 +20,32 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (offline Prefect/MLflow defaults before prefect is imported)
-from dynaprompt.config import Settings, SweepConfig, load_settings
+from dynaprompt.config import load_settings
 from dynaprompt.plan import expand_plan
 from dynaprompt.registry import OrderingRegistry, with_registered
 from dynaprompt.results import ResultsLayout, RunKey
 from dynaprompt.schema import ParamsError
+from dynaprompt.specs import Settings
 from tasks.evidence import draw_orderings
+from tasks.gpu import dask_runner, process_runner
 from tasks.runs import clear_caches, run_task
 from tasks.tracking import SweepTracker
 
 
-def task_runner(config: SweepConfig, address: str | None = None):
-    """Prefect's process pool (CPU runs hold the GIL between small ops: threads scale ~1.3-1.5x on 2 cores) or
-    thread pool locally; prefect-dask's DaskTaskRunner on a cluster (or a LocalCluster)."""
-    if config.runner == "process":
-        return ProcessPoolTaskRunner(max_workers=config.workers)
-    if config.runner == "thread":
+def task_runner(settings: Settings, runner: str | None = None, address: str | None = None):
+    """Prefect's process pool (CPU runs hold the GIL between small ops: threads scale ~1.3-1.5x on 2 cores;
+    on a GPU node one pinned process per GPU x workers_per_gpu) or thread pool locally; prefect-dask's
+    DaskTaskRunner on a cluster (dask-cuda's LocalCUDACluster on a GPU node without an address)."""
+    config = settings.sweep
+    runner = runner or config.runner
+    if runner == "process":
+        return process_runner(config, settings.model)
+    if runner == "thread":
         return ThreadPoolTaskRunner(max_workers=config.workers)
-    from prefect_dask import DaskTaskRunner
-
-    address = address or config.dask_address
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    return dask_runner(config, settings.model, address)
 
 
 def submission_order(plan: list, settings: Settings) -> list:
@@ -76,8 +75,6 @@ def mean_accuracy_metrics(layout: ResultsLayout, plan: list) -> dict:
 @flow(name="sweep")
 def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
     """Run the planned runs (or, with add_orderings, new orderings until the intervals are tight)."""
-    from tasks.gpu import gpu_concurrency_limit
-
     params_path = Path(params_file).resolve()
     settings = load_settings(params_path)
     layout = ResultsLayout(settings.path("results"))
@@ -96,7 +93,6 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
     else:
         plan = expand_plan(settings)
         layout.write_plan(plan)
-    gpu_concurrency_limit(settings.model.device, settings.sweep.gpu_slots)
 
     tracker = SweepTracker(settings.base_dir / settings.mlflow.db, settings.base_dir / settings.mlflow.artifacts,
                            settings.mlflow.experiment)
@@ -157,10 +153,8 @@ def entry_runs(entry) -> list:
 def run_sweep(params_file: str = "params.yaml", runner: str | None = None, address: str | None = None,
               add_orderings: int = 0) -> dict:
     """The sweep flow with the task runner of params (or the one given here)."""
-    config = load_settings(params_file).sweep  # params checked here, before Prefect starts anything
-    if runner:
-        config = SweepConfig(**{**vars(config), "runner": runner})
-    return sweep.with_options(task_runner=task_runner(config, address))(params_file, add_orderings)
+    settings = load_settings(params_file)  # params checked here, before Prefect starts anything
+    return sweep.with_options(task_runner=task_runner(settings, runner, address))(params_file, add_orderings)
 
 
 def main(argv=None) -> int:

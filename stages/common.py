@@ -7,8 +7,9 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from dynaprompt.config import Settings, load_settings
+from dynaprompt.config import load_settings
 from dynaprompt.schema import ParamsError
+from dynaprompt.specs import Settings
 
 PARAMS_FILE = Path(os.environ.get("DYNAPROMPT_PARAMS", "params.yaml"))
 

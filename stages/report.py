@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dynaprompt.config import Settings
 from dynaprompt.results import ResultsLayout
+from dynaprompt.specs import Settings
 
 from .common import fail, settings, write_json
 from .reporting import figures

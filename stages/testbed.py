@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dynaprompt.config import template_set
 from dynaprompt.features import ViewEncoder
 from dynaprompt.model import load_clip
 from dynaprompt.pretrain import template_accuracies
+from dynaprompt.resolve import template_set
 from dynaprompt.runner import build_text_encoder, open_stream
 from dynaprompt.views import ViewConfig
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 from analysis.statistics import t_interval
-from dynaprompt.config import Settings
 from dynaprompt.plan import main_runs, pairs
 from dynaprompt.registry import ADDED_KINDS, OrderingRegistry, RegisteredOrdering
 from dynaprompt.results import ResultsLayout
+from dynaprompt.specs import Settings
 
 
 def accuracies_by_pair(layout: ResultsLayout, settings: Settings) -> dict:

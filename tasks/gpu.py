@@ -1,36 +1,77 @@
-"""A Prefect global concurrency limit per GPU, so parallel runs do not oversubscribe one device."""
+"""One GPU per worker: the sweep's process pool pinned to the node's GPUs, dask-cuda's cluster on GPU nodes.
+
+On a node with G visible GPUs and `model.device` auto or cuda, `runner: process` starts G x
+`sweep.workers_per_gpu` worker processes; each claims the next slot of a shared counter when it starts and
+sets `CUDA_VISIBLE_DEVICES` to its one GPU before torch touches CUDA, so `cuda` in that process is its own
+device. `runner: dask` without an address starts dask-cuda's `LocalCUDACluster` (one worker per GPU, each
+pinned by dask-cuda itself, `workers_per_gpu` threads each); across nodes, `dask cuda worker` does the same per
+node. GPUs are counted and named the way dask-cuda counts them (`dask_cuda.utils`), so a node's
+`CUDA_VISIBLE_DEVICES` (GPU indices or UUIDs) is honoured.
+"""
 from __future__ import annotations
 
-import contextlib
+import multiprocessing
+import os
 
-GPU_LIMIT = "dynaprompt-gpu"
+from dynaprompt.specs import ModelSpec, SweepConfig
 
-
-def gpu_concurrency_limit(device: str, slots: int) -> None:
-    """Create (or resize) the limit when runs go to a GPU; nothing to do on CPU."""
-    if not _uses_gpu(device):
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=slots))
-        except Exception:  # noqa: BLE001 -- not there yet
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+SLOT_VARIABLE = "DYNAPROMPT_WORKER_SLOT"  # set in each pinned worker: its slot among the node's GPU workers
 
 
-def gpu_slot(device: str):
-    """Hold one slot of the GPU limit while a run uses the device."""
-    if not _uses_gpu(device):
-        return contextlib.nullcontext()
-    from prefect.concurrency.sync import concurrency
+def node_gpu_count() -> int:
+    """GPUs this node offers the sweep, as dask-cuda counts them (CUDA_VISIBLE_DEVICES, else NVML); 0 without."""
+    from dask_cuda.utils import get_n_gpus
 
-    return concurrency(GPU_LIMIT, occupy=1)
+    try:
+        return int(get_n_gpus())
+    except Exception:  # noqa: BLE001 -- no NVML library or no driver: a CPU node
+        return 0
 
 
-def _uses_gpu(device: str) -> bool:
-    import torch
+def uses_gpus(model: ModelSpec) -> bool:
+    """Whether the sweep spreads runs over the node's GPUs: device auto or cuda (cuda:N pins them all to N)."""
+    return model.device in ("auto", "cuda") and node_gpu_count() > 0
 
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+def device_of_slot(slot: int, workers_per_gpu: int, n_gpus: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of worker `slot`: slots 0..k-1 on the first GPU, k..2k-1 on the next, ..."""
+    from dask_cuda.utils import cuda_visible_devices
+
+    return cuda_visible_devices((slot // workers_per_gpu) % n_gpus).split(",")[0]
+
+
+def pin_worker(counter, workers_per_gpu: int, n_gpus: int) -> None:
+    """Process-pool initializer: take the next slot and see only that slot's GPU (before CUDA is initialised)."""
+    with counter.get_lock():
+        slot = counter.value
+        counter.value += 1
+    os.environ["CUDA_VISIBLE_DEVICES"] = device_of_slot(slot, workers_per_gpu, n_gpus)
+    os.environ[SLOT_VARIABLE] = str(slot)
+
+
+def process_runner(config: SweepConfig, model: ModelSpec):
+    """Prefect's process pool: `sweep.workers` processes on CPU, G x workers_per_gpu pinned ones on a GPU node."""
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    if not uses_gpus(model):
+        return ProcessPoolTaskRunner(max_workers=config.workers)
+    n_gpus = node_gpu_count()
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    return ProcessPoolTaskRunner(max_workers=n_gpus * config.workers_per_gpu, initializer=pin_worker,
+                                 initargs=(counter, config.workers_per_gpu, n_gpus))
+
+
+def dask_runner(config: SweepConfig, model: ModelSpec, address: str | None = None):
+    """prefect-dask on an existing cluster (`address`), dask-cuda's LocalCUDACluster on a GPU node, else a
+    LocalCluster of `sweep.workers` single-threaded processes."""
+    from prefect_dask import DaskTaskRunner
+
+    address = address or config.dask_address
+    if address:
+        return DaskTaskRunner(address=address)
+    if uses_gpus(model):
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                              cluster_kwargs={"threads_per_worker": config.workers_per_gpu,
+                                              "dashboard_address": None})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": config.workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})

@@ -10,8 +10,8 @@ from dynaprompt.config import load_settings
 from dynaprompt.model import load_clip
 from dynaprompt.registry import OrderingRegistry, with_registered
 from dynaprompt.results import ResultsLayout, RunKey
+from dynaprompt.resolve import resolve
 from dynaprompt.runner import RunFailed, store_run
-from tasks.gpu import gpu_slot
 
 
 @lru_cache(maxsize=4)
@@ -45,8 +45,7 @@ def run_task(params_file: str, dataset: str, method: str, ordering: str) -> dict
     """One run of the sweep; returns its summary and whether it was reused from an earlier sweep."""
     settings, clip = run_settings(params_file), shared_clip(params_file)
     layout = ResultsLayout(settings.path("results"))
-    with gpu_slot(settings.model.device):
-        summary, reused = store_run(settings, RunKey(dataset, method, ordering), clip, layout)
+    summary, reused = store_run(resolve(settings, RunKey(dataset, method, ordering), clip.weights), clip, layout)
     return {"summary": asdict(summary), "reused": reused, "records": str(layout.records(summary.key))}
 
 

@@ -6,7 +6,8 @@ import time
 import pytest
 import yaml
 
-from dynaprompt.config import load_settings, resolve_run, settings_from_params
+from dynaprompt.config import load_settings, settings_from_params
+from dynaprompt.resolve import resolve_run
 from dynaprompt.schema import ParamsError
 
 from .conftest import make_params

@@ -3,12 +3,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dynaprompt.config import resolve_run, settings_from_params
+from dynaprompt.config import settings_from_params
 from dynaprompt.datasets import build_dataset
 from dynaprompt.features import CachedViewSource, ImageViewSource, ViewEncoder
 from dynaprompt.methods import build_method
 from dynaprompt.methods.zero import zero_vote
 from dynaprompt.orderings import order_samples
+from dynaprompt.resolve import resolve, resolve_run
 from dynaprompt.results import RunKey
 from dynaprompt.runner import build_text_encoder, execute, run_stream
 from dynaprompt.schema import ParamsError
@@ -95,7 +96,7 @@ def test_records_have_the_public_columns_and_one_row_per_sample(toy):
 
 
 def test_execute_summarises_blocks_settings_and_final_buffer(settings, clip):
-    result = execute(settings, RunKey("toy", "dynaprompt", "shuffle-0"), clip)
+    result = execute(resolve(settings, RunKey("toy", "dynaprompt", "shuffle-0"), clip.weights), clip)
     summary = result.summary
     assert summary.n == 12
     assert len(summary.block_accuracy) == 3  # block_size 4
@@ -104,7 +105,7 @@ def test_execute_summarises_blocks_settings_and_final_buffer(settings, clip):
     assert summary.settings["tuning.lr"] == 0.05 and summary.settings["method.buffer_size"] == 3
     assert summary.settings["method.probdiff"] is None and summary.settings["run.threads"] == 1
     assert summary.ended_at >= summary.started_at > 0
-    limited = execute(settings, RunKey("toy", "tpt", "shuffle-0"), clip, limit=5)
+    limited = execute(resolve(settings, RunKey("toy", "tpt", "shuffle-0"), clip.weights), clip, limit=5)
     assert len(limited.records) == 5
 
 

@@ -97,6 +97,6 @@ def test_calibration_plan_crosses_methods_and_learning_rates():
     settings = settings_from_params({**PARAMS, "sweep": {"datasets": ["a"]}, "calibration": calibration})
     runs = sorted(key.method for key, group in expand_plan(settings) if group == "calibration")
     assert runs == sorted(["zs", "tpt~lr0.001", "tpt~lr0.01", "dp~lr0.001", "dp~lr0.01"])
-    from dynaprompt.config import resolve_run
+    from dynaprompt.resolve import resolve_run
 
     assert resolve_run(settings, "b", "dp~lr0.001").tuning.lr == 1e-3

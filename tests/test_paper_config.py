@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from dynaprompt.config import load_settings, resolve_run
+from dynaprompt.config import load_settings
 from dynaprompt.datasets import ADAPTERS, EXPECTED
 from dynaprompt.model import WeightsNotFoundError, load_clip
 from dynaprompt.plan import expand_plan
+from dynaprompt.resolve import resolve_run
 
 PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 

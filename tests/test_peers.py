@@ -175,12 +175,12 @@ def test_tda_confident_query_is_the_unnormalised_mean_of_the_sharpest_views():
     method = TDA(basis_text(5.0), TUNING, TDA.Config())  # query "confident", 20 views -> the 2 sharpest
     angles = [40, 30, 10, 44, 5, 35] + [38] * 14
     o = method(views(*[towards(d) for d in angles]))
-    entry = method.positive[0][0]
+    stored, [(_, stored_entropy)] = method.positive.features[0, 0], method.positive.entries[0]
     mean = [(x + y) / 2 for x, y in zip(towards(5), towards(10))]
-    assert entry.feature.tolist() == pytest.approx(mean, abs=1e-6)
-    assert float(entry.feature.norm()) == pytest.approx(math.cos(math.radians(2.5)), abs=1e-6)  # not renormalised
+    assert stored.tolist() == pytest.approx(mean, abs=1e-6)
+    assert float(stored.norm()) == pytest.approx(math.cos(math.radians(2.5)), abs=1e-6)  # not renormalised
     probs5, probs10 = softmax(logits_of(towards(5), 5.0)), softmax(logits_of(towards(10), 5.0))
-    assert entry.entropy == pytest.approx(entropy_of([(p + q) / 2 for p, q in zip(probs5, probs10)]), rel=1e-5)
+    assert stored_entropy == pytest.approx(entropy_of([(p + q) / 2 for p, q in zip(probs5, probs10)]), rel=1e-5)
     mean_logits = [(p + q) / 2 for p, q in zip(logits_of(towards(5), 5.0), logits_of(towards(10), 5.0))]
     assert o.entropy_before == pytest.approx(entropy_of(softmax(mean_logits)), rel=1e-5)
 

@@ -8,12 +8,13 @@ import torch
 import yaml
 
 from dynaprompt.cli import main as cli
-from dynaprompt.config import load_settings, resolve_run
+from dynaprompt.config import load_settings
 from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
 from dynaprompt.methods import build_method
 from dynaprompt.model import ModelSpec, load_clip
 from dynaprompt.objectives import TuningConfig
 from dynaprompt.provenance import run_fingerprint
+from dynaprompt.resolve import resolve_run
 from dynaprompt.results import ResultsLayout, RunKey
 from dynaprompt.runner import feature_store, open_stream, run_stream
 

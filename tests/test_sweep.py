@@ -192,9 +192,10 @@ def test_a_run_with_bad_numbers_fails_alone_and_the_others_are_kept(prefect_serv
     """A NaN in one dataset's feature cache stops that dataset's runs, naming the sample; the rest finish."""
     import torch
 
-    from dynaprompt.config import load_settings, resolve_run
+    from dynaprompt.config import load_settings
     from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
     from dynaprompt.model import load_clip
+    from dynaprompt.resolve import resolve_run
     from dynaprompt.results import ResultsLayout, RunKey
     from dynaprompt.runner import feature_store, open_stream
     from flows.sweep import run_sweep

@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dynaprompt.config import DatasetSpec, settings_from_params
+from dynaprompt.config import settings_from_params
 from dynaprompt.datasets import build_dataset, write_prepared
+from dynaprompt.specs import DatasetSpec
 from stages.validate import validate
 
 

@@ -49,6 +49,7 @@ Records:
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -57,17 +58,7 @@ import torch
 from ..objectives import TuningConfig, entropy
 from ..records import Outcome
 from ..text import PromptTextEncoder
-from .tda import (
-    QUERIES,
-    Entry,
-    Query,
-    cache_size,
-    class_logits,
-    negative_logits,
-    normalised_entropy,
-    positive_logits,
-    represent,
-)
+from .tda import QUERIES, ClassCache, Query, class_logits, negative_mask, normalised_entropy, represent
 from .zero_shot import classifier
 
 
@@ -98,33 +89,33 @@ class Config:
             raise ValueError("cache capacities must be >= 1 and delta >= 0")
 
 
-def sort_and_truncate(entries: list[Entry], new: Entry, capacity: int) -> tuple[list[Entry], list[Entry]]:
-    """Append, sort by entropy (stable: older first on ties), keep `capacity`; (kept, dropped)."""
-    ranked = sorted(entries + [new], key=lambda entry: entry.entropy)
-    return ranked[:capacity], ranked[capacity:]
-
-
-def first_in_first_out(entries: list[Entry], new: Entry, capacity: int) -> tuple[list[Entry], list[Entry]]:
-    """Append; past `capacity`, drop the oldest; (kept, dropped)."""
-    queue = entries + [new]
-    return queue[-capacity:], queue[:-capacity]
-
-
 def boosting_views(logits: torch.Tensor, ratio: float) -> list[int]:
     """The int(ratio * V) lowest-entropy views (none when that is 0), most confident first."""
     count = math.floor(ratio * logits.shape[0] + 1e-9)
     return torch.argsort(entropy(logits), stable=True)[:count].tolist()
 
 
-def boosted_cache(cache: dict[int, list[Entry]], view_features: torch.Tensor, logits: torch.Tensor,
-                  views: list[int], capacity: int) -> dict[int, list[Entry]]:
-    """A copy of `cache` with each view in `views` inserted under its own argmax (sort-and-truncate at `capacity`)."""
-    boosted = {label: list(entries) for label, entries in cache.items()}
-    for view in views:
-        label = int(logits[view].argmax())
-        new = Entry(None, view_features[view].float(), float(entropy(logits[view])), view=view)
-        boosted[label], _ = sort_and_truncate(boosted.get(label, []), new, capacity)
-    return boosted
+def boosted_rows(history: ClassCache, view_features: torch.Tensor, logits: torch.Tensor, views: list[int],
+                 capacity: int) -> dict[int, list[tuple]]:
+    """The classes the boosting views touch, as they read in the sample's temporary copy of the history.
+
+    Class -> [(entropy, feature [E], view index or None for a history entry)] sorted by entropy: each view in
+    `views` inserted in turn under its own argmax, sort-and-truncate at `capacity` (ties keep the older entry).
+    Untouched classes read exactly as in the history, so only these rows are built.
+    """
+    if not views:
+        return {}
+    labels = logits[views].argmax(-1).tolist()
+    values = entropy(logits[views]).tolist()
+    rows: dict[int, list[tuple]] = {}
+    for view, label, value in zip(views, labels, values):
+        if label not in rows:
+            rows[label] = [(e, history.features[label, slot], None)
+                           for slot, (_, e) in enumerate(history.entries.get(label, []))]
+        ranked = rows[label]
+        ranked.insert(bisect.bisect_right([e for e, _, _ in ranked], value), (value, view_features[view].float(), view))
+        del ranked[capacity:]
+    return rows
 
 
 class BoostAdapter:
@@ -146,8 +137,10 @@ class BoostAdapter:
 
     def reset(self) -> None:
         """Empty historical and negative caches, fresh ids, at the start of a stream."""
-        self.historical: dict[int, list[Entry]] = {}
-        self.negative: dict[int, list[Entry]] = {}
+        n_classes, dim = self.text_features.shape
+        device = self.text_features.device
+        self.historical = ClassCache(n_classes, self.config.shot_capacity, dim, device)
+        self.negative = ClassCache(n_classes, self.config.neg_shot_capacity, dim, device, masks=True)
         self.next_id = 0
 
     def in_negative_band(self, query: Query) -> bool:
@@ -155,16 +148,13 @@ class BoostAdapter:
         value = normalised_entropy(query.entropy, self.n_classes)
         return self.config.neg_entropy_lower < value < self.config.neg_entropy_upper
 
-    def offer(self, cache: dict[int, list[Entry]], rule, query: Query, capacity: int, with_probs: bool,
-              appended: list[int], deleted: list[int]) -> None:
-        """Offer the sample to a persistent cache under its pseudo-label; it takes an id only if kept."""
-        new = Entry(self.next_id, query.feature, query.entropy, query.probs if with_probs else None)
-        kept, dropped = rule(cache.get(query.label, []), new, capacity)
-        cache[query.label] = kept
-        if new in kept:
+    def keep(self, outcome: tuple[bool, list], appended: list[int], deleted: list[int]) -> None:
+        """Record what a persistent cache did with the sample (it took the next id if kept)."""
+        kept, removed = outcome
+        if kept:
+            appended.append(self.next_id)
             self.next_id += 1
-            appended.append(new.id)
-        deleted.extend(entry.id for entry in dropped if entry is not new)
+        deleted.extend(removed)
 
     @torch.no_grad()
     def __call__(self, view_features: torch.Tensor) -> Outcome:
@@ -172,31 +162,44 @@ class BoostAdapter:
         logits = class_logits(view_features, self.text_features, self.scale)
         query = represent(view_features, logits, config.query, config.confident_ratio)
         appended, deleted = [], []
-        self.offer(self.historical, sort_and_truncate, query, config.shot_capacity, False, appended, deleted)
+        self.keep(self.historical.offer(query.label, self.next_id, query.feature, query.entropy), appended, deleted)
         views = boosting_views(logits, config.boost_ratio)
-        boosted = boosted_cache(self.historical, view_features, logits, views, config.shot_capacity + config.delta)
+        boosted = boosted_rows(self.historical, view_features, logits, views, config.shot_capacity + config.delta)
         if config.negative and self.in_negative_band(query):
-            self.offer(self.negative, first_in_first_out, query, config.neg_shot_capacity, True, appended, deleted)
+            mask = negative_mask(query.probs, config.neg_mask_lower, config.neg_mask_upper)
+            self.keep(self.negative.push(query.label, self.next_id, query.feature, query.entropy, mask),
+                      appended, deleted)
         final = self.final_logits(query, boosted)
-        in_cache = {entry.view for entries in boosted.values() for entry in entries if entry.view is not None}
+        in_cache = {view for row in boosted.values() for _, _, view in row if view is not None}
         return Outcome(
             pred=int(final.argmax()), entropy_before=float(entropy(query.logits)), entropy_after=float(entropy(final)),
             selected=[view for view in views if view in in_cache], appended=appended, deleted=deleted,
-            buffer_size=cache_size(self.historical) + cache_size(self.negative),
+            buffer_size=len(self.historical) + len(self.negative),
         )
 
-    def final_logits(self, query: Query, boosted: dict[int, list[Entry]]) -> torch.Tensor:
+    def final_logits(self, query: Query, boosted: dict[int, list[tuple]]) -> torch.Tensor:
         """clip_logits + read-out of the boosted cache - read-out of the negative cache."""
         config = self.config
         final = query.logits.clone()
-        if boosted:
-            final += positive_logits(query.feature, boosted, self.n_classes, config.alpha, config.beta)
+        if self.historical or boosted:
+            positive = self.historical.positive_logits(query.feature, config.alpha, config.beta)
+            for label, row in boosted.items():  # the touched classes read their boosted rows instead
+                keys = torch.stack([feature for _, feature, _ in row])
+                positive[label] = config.alpha * torch.exp(-(config.beta - config.beta * (keys @ query.feature))).sum()
+            final += positive
         if self.negative:
-            final -= negative_logits(query.feature, self.negative, config.neg_alpha, config.neg_beta,
-                                     config.neg_mask_lower, config.neg_mask_upper)
+            final -= self.negative.negative_logits(query.feature, config.neg_alpha, config.neg_beta)
         return final
 
     def snapshot(self) -> dict:
         """The persistent caches as {"historical"|"negative": {class: [(id, entropy), ...]}}."""
-        return {name: {label: [(entry.id, entry.entropy) for entry in entries] for label, entries in cache.items()}
-                for name, cache in (("historical", self.historical), ("negative", self.negative))}
+        return {"historical": self.historical.snapshot(), "negative": self.negative.snapshot()}
+
+    def state_dict(self) -> dict:
+        return {"historical": self.historical.state_dict(), "negative": self.negative.state_dict(),
+                "next_id": self.next_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.historical.load_state_dict(state["historical"])
+        self.negative.load_state_dict(state["negative"])
+        self.next_id = int(state["next_id"])

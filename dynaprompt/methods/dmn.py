@@ -132,9 +132,20 @@ class DMN:
         device = self.text_features.device
         self.memory = torch.zeros(n_classes, length, dim, device=device)
         self.entropies = torch.zeros(n_classes, length, device=device)
-        self.ids = torch.full((n_classes, length), -1, dtype=torch.long)
+        self.ids = torch.full((n_classes, length), -1, dtype=torch.long, device=device)
         self.counts = [0] * n_classes
         self.next_id = 0
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory.clone(), "entropies": self.entropies.clone(), "ids": self.ids.clone(),
+                "counts": list(self.counts), "next_id": self.next_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.copy_(state["memory"])
+        self.entropies.copy_(state["entropies"])
+        self.ids.copy_(state["ids"])
+        self.counts = [int(c) for c in state["counts"]]
+        self.next_id = int(state["next_id"])
 
     def store(self, label: int, feature: torch.Tensor, value: float) -> tuple[list[int], list[int]]:
         """Insert into class `label`'s memory by the authors' rule; (appended ids, deleted ids)."""
@@ -164,7 +175,7 @@ class DMN:
         query = F.normalize(used[0].float(), dim=-1)
         appended, deleted = self.store(label, query, float(eps_entropy(mean_prob, config.memory_eps)))
         used_slots = max(self.counts)  # slots past every class's count are empty and add nothing
-        filled = (self.ids[:, :used_slots] >= 0).to(self.memory.device)
+        filled = self.ids[:, :used_slots] >= 0
         prototypes = memory_prototypes(query, self.memory[:, :used_slots], filled, self.text_features, config.beta)
         memory_probs = (self.scale * prototypes @ query).softmax(-1)
         final = probs[0] + config.fusion_weight * memory_probs

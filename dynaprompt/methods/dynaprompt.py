@@ -148,6 +148,27 @@ class DynaPrompt:
             for _ in range(self.config.buffer_size):
                 self._append_fresh()
 
+    def state_dict(self) -> dict:
+        """The buffer (contexts, carried text features, use counts), the LRU order, the id counter, the scaler."""
+        ids = list(self.buffer)
+        prompts = [self.buffer[i] for i in ids]
+        def stacked(tensors, like):
+            return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))
+
+        return {"ids": ids, "uses": [p.uses for p in prompts], "lru": list(self.lru), "next_id": self.next_id,
+                "contexts": stacked([p.context for p in prompts], self.text.init_context),
+                "features": stacked([p.features for p in prompts], self.v0_features),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.text.init_context.device
+        self.buffer = {int(i): BufferedPrompt(int(i), state["contexts"][k].to(device), state["features"][k].to(device),
+                                              int(state["uses"][k])) for k, i in enumerate(state["ids"])}
+        self.lru = [int(i) for i in state["lru"]]
+        self.next_id = int(state["next_id"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
     def begin(self, view_features: torch.Tensor) -> TuningRequest:
         """Steps 1-6: score the buffer from carried features, select (or append), mark the selection in LRU order."""
         if self.config.selection == "official":

@@ -28,6 +28,15 @@ class OnlineTPT:
         self.context = self.text.init_context.clone()
         self.features = encode_for_prediction(self.text, self.context.unsqueeze(0), self.tuning)[0]
 
+    def state_dict(self) -> dict:
+        """The carried prompt, its text features and the gradient scaler's state."""
+        return {"context": self.context.clone(), "features": self.features.clone(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.context, self.features = state["context"].to(self.context), state["features"].to(self.features)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
     def begin(self, view_features: torch.Tensor) -> TuningRequest:
         return tpt_request(self.context, self.features, view_features, self.scale)
 

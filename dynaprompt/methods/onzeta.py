@@ -125,6 +125,15 @@ class OnZeta:
         self.rho = torch.zeros(self.text_features.shape[0], device=self.text_features.device)
         self.t = 0
 
+    def state_dict(self) -> dict:
+        """Step count, duals rho [C], proxies w [C, E] and the stream length N."""
+        return {"t": self.t, "rho": self.rho.clone(), "proxies": self.proxies.clone(),
+                "stream_length": self.stream_length}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.stream_length = int(state["t"]), int(state["stream_length"])
+        self.rho, self.proxies = state["rho"].to(self.rho), state["proxies"].to(self.proxies)
+
     @torch.no_grad()
     def __call__(self, view_features: torch.Tensor) -> Outcome:
         config = self.config

@@ -45,6 +45,10 @@ Paper, code and tta-vlm:
   average an empty selection.
 - fp32 throughout. The authors run fp16 CLIP and fp16 cache values; a difference at that rounding level is
   the only one expected.
+- Storage (`ClassCache`): the entries live on the device in per-class slots, [C, capacity, E], each class's
+  entries first and in the list order above; only ids and entropies are mirrored on the host, for the records.
+  A read-out sums each class's entries in slot order, so no cache is re-stacked, and no one-hot matrix built,
+  per sample.
 
 Records:
 - Every entry put into either cache gets the next integer id; the counter is shared by both caches and
@@ -58,6 +62,7 @@ Records:
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -95,20 +100,6 @@ class Config:
             raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}")
         if self.shot_capacity < 1 or self.neg_shot_capacity < 1:
             raise ValueError("cache capacities must be >= 1")
-
-
-@dataclass(frozen=True, eq=False)
-class Entry:
-    """One cached sample: its id, feature [E], entropy (nats), probabilities [C] (negative caches only).
-
-    `view` is the view index of a BoostAdapter boosting entry; it is None for every persistent entry.
-    """
-
-    id: int | None
-    feature: torch.Tensor
-    entropy: float
-    probs: torch.Tensor | None = None
-    view: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,52 +145,105 @@ def normalised_entropy(value: float, n_classes: int) -> float:
     return value / math.log2(n_classes)
 
 
-def keep_lowest_entropy(entries: list[Entry], new: Entry, capacity: int) -> tuple[list[Entry], list[Entry]]:
-    """TDA's update of one class list: (kept, sorted by entropy; removed, a rejected newcomer included)."""
-    if len(entries) < capacity:
-        kept, removed = entries + [new], []
-    elif new.entropy < entries[-1].entropy:
-        kept, removed = entries[:-1] + [new], [entries[-1]]
-    else:
-        kept, removed = list(entries), [new]
-    return sorted(kept, key=lambda entry: entry.entropy), removed
-
-
-def flatten(cache: dict[int, list[Entry]]) -> list[tuple[int, Entry]]:
-    """(class, entry) pairs in sorted class order, then list order, as the authors concatenate the keys."""
-    return [(label, entry) for label in sorted(cache) for entry in cache[label]]
-
-
-def affinity_weights(query: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
-    """exp(-(beta - beta * q.k)) per key; keys [N, E]."""
-    return torch.exp(-(beta - beta * (keys @ query)))
-
-
-def positive_logits(query: torch.Tensor, cache: dict[int, list[Entry]], n_classes: int, alpha: float,
-                    beta: float) -> torch.Tensor:
-    """alpha * sum_j exp(-beta (1 - q.k_j)) onehot(class_j) -> [C]."""
-    pairs = flatten(cache)
-    keys = torch.stack([entry.feature for _, entry in pairs])
-    values = torch.nn.functional.one_hot(torch.tensor([label for label, _ in pairs]), n_classes).to(keys)
-    return alpha * affinity_weights(query, keys, beta) @ values
-
-
 def negative_mask(probs: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
     """1 where lower < p < upper (strict), the classes a negative entry speaks against."""
     return ((probs > lower) & (probs < upper)).float()
 
 
-def negative_logits(query: torch.Tensor, cache: dict[int, list[Entry]], alpha: float, beta: float,
-                    lower: float, upper: float) -> torch.Tensor:
-    """alpha * sum_j exp(-beta (1 - q.k_j)) mask_j -> [C], to be subtracted."""
-    entries = [entry for _, entry in flatten(cache)]
-    keys = torch.stack([entry.feature for entry in entries])
-    values = torch.stack([negative_mask(entry.probs, lower, upper) for entry in entries]).to(keys)
-    return alpha * affinity_weights(query, keys, beta) @ values
+class ClassCache:
+    """Up to `capacity` entries per class, kept on the device: features [C, K, E], ids [C, K] (-1: empty) and,
+    for negative caches, class masks [C, K, C]. A class's entries fill its first slots in list order; the host
+    mirrors only (id, entropy) per class, which the update rules and the records read.
 
+    `offer` keeps the lowest entropies (TDA's rule: append while there is room, else replace the worst only if
+    strictly better; the list stays sorted, ties keeping the older entry first); `push` is first in, first out.
+    """
 
-def cache_size(cache: dict[int, list[Entry]]) -> int:
-    return sum(len(entries) for entries in cache.values())
+    def __init__(self, n_classes: int, capacity: int, dim: int, device, masks: bool = False):
+        self.capacity = capacity
+        self.features = torch.zeros(n_classes, capacity, dim, device=device)
+        self.ids = torch.full((n_classes, capacity), -1, dtype=torch.long, device=device)
+        self.masks = torch.zeros(n_classes, capacity, n_classes, device=device) if masks else None
+        self.entries: dict[int, list[tuple[int, float]]] = {}  # class -> [(id, entropy)], slot order
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.entries.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def offer(self, label: int, new_id: int, feature: torch.Tensor, value: float, mask=None) -> tuple[bool, list]:
+        """Insert by entropy rank; (kept, ids removed). A full class drops its last entry for a lower entropy."""
+        entries = self.entries.setdefault(label, [])
+        removed = []
+        if len(entries) == self.capacity:
+            if not value < entries[-1][1]:
+                return False, []
+            removed = [entries.pop()[0]]
+        position = bisect.bisect_right([e for _, e in entries], value)
+        self._shift_right(label, position, len(entries))
+        entries.insert(position, (new_id, value))
+        self._write(label, position, new_id, feature, mask)
+        return True, removed
+
+    def push(self, label: int, new_id: int, feature: torch.Tensor, value: float, mask=None) -> tuple[bool, list]:
+        """Append; past capacity the oldest entry leaves; (kept, ids removed)."""
+        entries = self.entries.setdefault(label, [])
+        removed = []
+        if len(entries) == self.capacity:
+            removed = [entries.pop(0)[0]]
+            for tensor in self._rows():
+                tensor[label, :-1] = tensor[label, 1:].clone()
+        entries.append((new_id, value))
+        self._write(label, len(entries) - 1, new_id, feature, mask)
+        return True, removed
+
+    def _rows(self):
+        return [t for t in (self.features, self.ids, self.masks) if t is not None]
+
+    def _shift_right(self, label: int, position: int, count: int) -> None:
+        """Slots position..count-1 of `label` move one up (the last one falls off a full row)."""
+        end = min(count + 1, self.capacity)
+        if position < end - 1:
+            for tensor in self._rows():
+                tensor[label, position + 1:end] = tensor[label, position:end - 1].clone()
+
+    def _write(self, label: int, slot: int, new_id: int, feature: torch.Tensor, mask) -> None:
+        self.features[label, slot] = feature
+        self.ids[label, slot] = new_id
+        if self.masks is not None:
+            self.masks[label, slot] = mask
+
+    def affinity(self, query: torch.Tensor, beta: float) -> torch.Tensor:
+        """exp(-(beta - beta * q.k)) per slot [C, K], 0 on empty slots."""
+        weights = torch.exp(-(beta - beta * (self.features @ query)))
+        return weights * (self.ids >= 0)
+
+    def positive_logits(self, query: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """alpha * sum over each class's entries of exp(-beta (1 - q.k)) -> [C]."""
+        return alpha * self.affinity(query, beta).sum(1)
+
+    def negative_logits(self, query: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """alpha * sum_j exp(-beta (1 - q.k_j)) mask_j -> [C], to be subtracted."""
+        return alpha * torch.einsum("ck,ckd->d", self.affinity(query, beta), self.masks)
+
+    def snapshot(self) -> dict:
+        """{class: [(id, entropy), ...]} over the non-empty classes."""
+        return {label: list(entries) for label, entries in sorted(self.entries.items()) if entries}
+
+    def state_dict(self) -> dict:
+        state = {"features": self.features.clone(), "ids": self.ids.clone(),
+                 "entries": {int(k): [list(e) for e in v] for k, v in self.entries.items()}}
+        if self.masks is not None:
+            state["masks"] = self.masks.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.features.copy_(state["features"])
+        self.ids.copy_(state["ids"])
+        if self.masks is not None:
+            self.masks.copy_(state["masks"])
+        self.entries = {int(k): [(int(i), float(e)) for i, e in v] for k, v in state["entries"].items()}
 
 
 class TDA:
@@ -221,8 +265,10 @@ class TDA:
 
     def reset(self) -> None:
         """Empty caches and a fresh id counter, at the start of a stream."""
-        self.positive: dict[int, list[Entry]] = {}
-        self.negative: dict[int, list[Entry]] = {}
+        n_classes, dim = self.text_features.shape
+        device = self.text_features.device
+        self.positive = ClassCache(n_classes, self.config.shot_capacity, dim, device)
+        self.negative = ClassCache(n_classes, self.config.neg_shot_capacity, dim, device, masks=True)
         self.next_id = 0
 
     def in_negative_band(self, query: Query) -> bool:
@@ -230,16 +276,13 @@ class TDA:
         value = normalised_entropy(query.entropy, self.n_classes)
         return self.config.neg_entropy_lower < value < self.config.neg_entropy_upper
 
-    def offer(self, cache: dict[int, list[Entry]], query: Query, capacity: int, with_probs: bool,
-              appended: list[int], deleted: list[int]) -> None:
+    def offer(self, cache: ClassCache, query: Query, appended: list[int], deleted: list[int], mask=None) -> None:
         """Offer the sample under its pseudo-label; it takes an id only if it is kept."""
-        new = Entry(self.next_id, query.feature, query.entropy, query.probs if with_probs else None)
-        kept, removed = keep_lowest_entropy(cache.get(query.label, []), new, capacity)
-        cache[query.label] = kept
-        if new in kept:
+        kept, removed = cache.offer(query.label, self.next_id, query.feature, query.entropy, mask)
+        if kept:
+            appended.append(self.next_id)
             self.next_id += 1
-            appended.append(new.id)
-        deleted.extend(entry.id for entry in removed if entry is not new)
+        deleted.extend(removed)
 
     @torch.no_grad()
     def __call__(self, view_features: torch.Tensor) -> Outcome:
@@ -248,13 +291,14 @@ class TDA:
         query = represent(view_features, logits, config.query, config.confident_ratio)
         appended, deleted = [], []
         if config.positive:
-            self.offer(self.positive, query, config.shot_capacity, False, appended, deleted)
+            self.offer(self.positive, query, appended, deleted)
         if config.negative and self.in_negative_band(query):
-            self.offer(self.negative, query, config.neg_shot_capacity, True, appended, deleted)
+            mask = negative_mask(query.probs, config.neg_mask_lower, config.neg_mask_upper)
+            self.offer(self.negative, query, appended, deleted, mask)
         final = self.final_logits(query)
         return Outcome(
             pred=int(final.argmax()), entropy_before=float(entropy(query.logits)), entropy_after=float(entropy(final)),
-            appended=appended, deleted=deleted, buffer_size=cache_size(self.positive) + cache_size(self.negative),
+            appended=appended, deleted=deleted, buffer_size=len(self.positive) + len(self.negative),
         )
 
     def final_logits(self, query: Query) -> torch.Tensor:
@@ -262,13 +306,20 @@ class TDA:
         config = self.config
         final = query.logits.clone()
         if self.positive:
-            final += positive_logits(query.feature, self.positive, self.n_classes, config.alpha, config.beta)
+            final += self.positive.positive_logits(query.feature, config.alpha, config.beta)
         if self.negative:
-            final -= negative_logits(query.feature, self.negative, config.neg_alpha, config.neg_beta,
-                                     config.neg_mask_lower, config.neg_mask_upper)
+            final -= self.negative.negative_logits(query.feature, config.neg_alpha, config.neg_beta)
         return final
 
     def snapshot(self) -> dict:
         """The caches as {"positive"|"negative": {class: [(id, entropy), ...]}}, for inspection and tests."""
-        return {name: {label: [(entry.id, entry.entropy) for entry in entries] for label, entries in cache.items()}
-                for name, cache in (("positive", self.positive), ("negative", self.negative))}
+        return {"positive": self.positive.snapshot(), "negative": self.negative.snapshot()}
+
+    def state_dict(self) -> dict:
+        return {"positive": self.positive.state_dict(), "negative": self.negative.state_dict(),
+                "next_id": self.next_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positive.load_state_dict(state["positive"])
+        self.negative.load_state_dict(state["negative"])
+        self.next_id = int(state["next_id"])

@@ -53,7 +53,14 @@ class TPT:
         self.v0_features = encode_for_prediction(text, text.init_context.unsqueeze(0), tuning)[0]
 
     def reset(self) -> None:
-        """Episodic: there is no state between samples."""
+        """Episodic: no prompt state between samples (only the gradient scaler's scale carries, on GPU)."""
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def begin(self, view_features: torch.Tensor) -> TuningRequest:
         return tpt_request(self.text.init_context, self.v0_features, view_features, self.scale)

@@ -58,6 +58,13 @@ class Zero:
     def reset(self) -> None:
         """Training-free: nothing to reset."""
 
+    def state_dict(self) -> dict:
+        """Nothing carries from sample to sample."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore."""
+
     @torch.no_grad()
     def __call__(self, view_features: torch.Tensor) -> Outcome:
         logits = view_logits(view_features, self.text_features, self.scale)[:, 0]

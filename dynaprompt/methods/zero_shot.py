@@ -29,6 +29,13 @@ class ZeroShot:
     def reset(self) -> None:
         """Nothing is learned, so nothing to reset."""
 
+    def state_dict(self) -> dict:
+        """Nothing carries from sample to sample."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore."""
+
     @torch.no_grad()
     def __call__(self, view_features: torch.Tensor) -> Outcome:
         logits = original_view_logits(view_features, self.text_features, self.scale)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import statistics as st
-from dynaprompt.config import Settings
+from dynaprompt.specs import Settings
 
 from .results import Results
 

@@ -1,0 +1,256 @@
+"""The typed blocks of params.yaml: one frozen dataclass per block and per named entry, and `Settings`, the whole.
+
+`dynaprompt.config` parses and checks a params file into these; `dynaprompt.resolve` turns them into the
+effective settings of one run. Nothing here reads files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .objectives import TuningConfig
+from .schema import ParamsError, closest
+from .views import ViewConfig
+
+
+@dataclass
+class ModelSpec:
+    """Which CLIP to load; every field is a `model:` key in params.yaml."""
+
+    arch: str = "tiny-clip"  # open_clip name, a bundled config name, or a path to a JSON model config
+    pretrained: str | None = None  # open_clip tag ('openai'), a weights file, or null for random weights
+    cache_dir: str | None = None  # where to look for cached hub weights (HF cache layout)
+    allow_download: bool = False  # never reach for the network unless asked
+    init_seed: int = 0  # seeds random weights, so a random-weight model is reproducible
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The learnable context; the `prompt:` block."""
+
+    n_ctx: int = 4
+    ctx_init: str | None = "a photo of a"  # null: CoOp's random init
+    truncate: bool = True  # cut token sequences after the last end-of-text token
+    init_seed: int = 0  # only used when ctx_init is null
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The `run:` block: what every run shares."""
+
+    block_size: int = 200  # accuracy is reported per block of this many samples along the stream
+    threads: int = 1  # torch threads of one run, from every entry point; part of the run's identity
+    max_text_tokens: int = 8192  # text-encoder tokens per pass (prompts x classes x sequence length), in chunks
+    #   under activation checkpointing beyond it: bounds a step's memory whatever the prompts and classes; 0 = none
+    checkpoint_every: int = 500  # samples between a run's checkpoints (records so far + the method's state);
+    #   0 = never. Not part of a run's identity: resumed records equal uninterrupted ones
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One `datasets:` entry: the adapter's kind and options, and what the dataset sets for its runs."""
+
+    name: str
+    kind: str
+    options: dict  # the adapter's keyword arguments (root, split, n_samples, ...)
+    augmix: bool | None = None  # AugMix views (TPT does it on the fine-grained sets); None: `views.augmix`
+    tuning: dict = field(default_factory=dict)  # overrides of `tuning:` for this dataset (lr)
+    template: str | None = None  # the dataset's own CoOp template, e.g. "a photo of a {}, a type of pet."
+    expected_samples: int | None = None  # the validate stage checks the count (known test splits are built in)
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    """Several datasets sharing a label space as one stream with a `domain` column."""
+
+    name: str
+    members: tuple
+    per_member: int | None = None
+    seed: int = 0
+    tuning: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One `methods:` entry: a method kind, its options, and its overrides of tuning and views."""
+
+    name: str
+    kind: str
+    options: dict = field(default_factory=dict)
+    tuning: dict = field(default_factory=dict)
+    views: dict = field(default_factory=dict)
+    per_dataset: dict = field(default_factory=dict)  # dataset -> {option / tuning / views overrides}
+    templates: object = None  # the text classifier's templates (methods that take them; see resolve_templates)
+    derived_from: str | None = None  # set on the variants that ablations and calibration generate
+
+    @property
+    def order_independent(self) -> bool:
+        from .methods import METHODS
+
+        return METHODS[self.kind].order_independent
+
+
+@dataclass(frozen=True)
+class OrderingSpec:
+    """One ordering: a kind and its options (seed, block)."""
+
+    name: str
+    kind: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int | None:
+        return self.options.get("seed")
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, **self.options}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """`sweep.schedule`: the deployment that adds orderings until the intervals are tight."""
+
+    name: str = "robustness"
+    cron: str | None = None
+    add_orderings: int = 2  # new orderings per order-dependent kind per scheduled run
+    target_half_width: float = 0.01  # stop once every (dataset, method) 95% interval half-width is below this
+    max_orderings: int = 50  # never more orderings of one kind on one dataset than this
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The `sweep:` block."""
+
+    datasets: tuple | None = None  # null: every dataset and mixture
+    methods: tuple | None = None  # null: every declared method
+    orderings: tuple | None = None  # null: every ordering (cyclic ones pair with mixtures only)
+    runner: str = "process"  # process | thread | dask
+    workers: int = 2  # parallel runs on CPU (each with run.threads torch threads)
+    workers_per_gpu: int = 1  # on a GPU node: worker processes (process runner) or threads (dask-cuda) per GPU
+    dask_address: str | None = None  # tcp://scheduler:8786; null: a LocalCluster (LocalCUDACluster on GPUs)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self):
+        if self.runner not in ("process", "thread", "dask"):
+            raise ValueError(f"runner must be 'process', 'thread' or 'dask', got {self.runner!r}")
+        if self.workers < 1 or self.workers_per_gpu < 1:
+            raise ValueError("workers and workers_per_gpu must be >= 1")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The `calibration:` block: TPT's learning rate, chosen on a stream the report does not sweep."""
+
+    dataset: str | None = None  # null: no calibration runs
+    ordering: str = "shuffle-0"
+    methods: tuple = ("tpt",)  # TPT picks the lr; the others are drawn against it
+    lrs: tuple = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
+    reference: str = "zero_shot"  # the gain is measured against this method
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The `ablations:` block: the paper's ablations of one DynaPrompt entry, on one stream."""
+
+    dataset: str | None = None  # null: no ablation runs
+    orderings: tuple = ()
+    base: str = "dynaprompt"
+    references: tuple = ("zero_shot", "tpt")
+    criteria: tuple = ("entropy_only", "probdiff_only")
+    no_append: bool = True
+    buffer_sizes: tuple = (1, 5, 20)
+    entropy_margins: tuple = (0.0,)
+    probdiff_margins: tuple = (0.0,)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The `report:` block."""
+
+    collapse_margin: float = 0.10  # a last block this far below zero-shot (same samples) or its first block
+    confidence: float = 0.95
+    bootstrap_samples: int = 2000
+    seed: int = 0
+    min_orderings: int = 3  # fewer orderings than this: the interval is flagged "too few orderings"
+    max_panels: int = 6  # datasets per figure / DynaPrompt runs in the buffer figure, plan order
+    dpi: int = 110
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """The `mlflow:` block."""
+
+    db: str = "mlflow.db"  # sqlite file, relative to the params file
+    artifacts: str = "mlartifacts"
+    experiment: str = "dynaprompt"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """The `paths:` block, relative to the params file's folder."""
+
+    prepared: str = "data/prepared"
+    features: str = "data/features"
+    models: str = "data/models"
+    validation: str = "reports/validation"
+    reports: str = "reports"
+    results: str = "results"
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """The `testbed:` block: how strongly the model responds to prompts, measured on these streams."""
+
+    streams: tuple = ()
+    templates: str = "pretrain"  # a template set whose zero-shot spread is reported (`pretrain`: the bundled
+    #   model's training, style and unseen templates)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """params.yaml, checked and typed."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    datasets: dict = field(default_factory=dict)
+    mixtures: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)  # declared and derived (ablation, calibration) methods
+    orderings: dict = field(default_factory=dict)
+    templates: dict = field(default_factory=dict)  # name -> list of templates
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    ablations: AblationConfig = field(default_factory=AblationConfig)
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    pretrain: object = None  # dynaprompt.pretrain.PretrainConfig (imported lazily: it pulls in training code)
+    base_dir: Path = Path(".")  # relative paths in params are relative to the params file
+    raw: dict = field(default_factory=dict)  # the params mapping as read
+
+    def path(self, name: str) -> Path:
+        """A `paths:` entry resolved against the params file's folder."""
+        return self.base_dir / getattr(self.paths, name)
+
+    def stream(self, name: str) -> DatasetSpec | MixtureSpec:
+        """A dataset or mixture by name; an error naming the defined ones otherwise."""
+        return lookup({**self.datasets, **self.mixtures}, name, "dataset")
+
+    def method(self, name: str) -> MethodSpec:
+        return lookup(self.methods, name, "method")
+
+    def ordering(self, name: str) -> OrderingSpec:
+        return lookup(self.orderings, name, "ordering")
+
+
+def lookup(table, name: str, what: str):
+    """`table[name]`, or one error naming what is defined and the closest names."""
+    if name not in table:
+        raise ParamsError(f"{what} {name!r} is not defined in params{closest(name, table)} "
+                          f"(defined: {sorted(table)})")
+    return table[name]
+
