@@ -53,7 +53,7 @@ def cochran_q(correct) -> dict:
     discordant = int((correct.min(axis=1) != correct.max(axis=1)).sum())
     if discordant == 0:
         return {"q": 0.0, "df": k - 1, "p_value": 1.0, "discordant_samples": 0}
-    result = cochrans_q(correct, return_object=True)
+    result = cochrans_q(correct)
     return {"q": float(result.statistic), "df": int(result.df), "p_value": float(result.pvalue),
             "discordant_samples": discordant}
 

@@ -20,6 +20,7 @@ from .specs import (
     AblationConfig,
     CalibrationConfig,
     DatasetSpec,
+    EmbedConfig,
     MethodSpec,
     MixtureSpec,
     MlflowConfig,
@@ -35,8 +36,8 @@ from .specs import (
 )
 from .views import ViewConfig
 
-TOP_LEVEL = ("paths", "model", "prompt", "views", "tuning", "run", "methods", "orderings", "templates", "pretrain",
-             "testbed", "calibration", "datasets", "mixtures", "sweep", "ablations", "report", "mlflow")
+TOP_LEVEL = ("paths", "model", "prompt", "views", "tuning", "run", "embed", "methods", "orderings", "templates",
+             "pretrain", "testbed", "calibration", "datasets", "mixtures", "sweep", "ablations", "report", "mlflow")
 
 
 def frozen(mapping) -> dict:
@@ -239,7 +240,7 @@ def settings_from_params(params: dict, base_dir: str | Path = ".", source: Sourc
              f"no template set {testbed.templates!r}{closest(testbed.templates, templates)}")
     settings = Settings(
         model=block("model", ModelSpec), prompt=block("prompt", PromptConfig), views=block("views", ViewConfig),
-        tuning=block("tuning", TuningConfig), run=block("run", RunConfig),
+        tuning=block("tuning", TuningConfig), run=block("run", RunConfig), embed=block("embed", EmbedConfig),
         datasets=frozen(datasets), mixtures=frozen(mixtures),
         methods=frozen({**methods, **{d.name: d for d in derived}}),
         orderings=frozen(orderings), templates=frozen(templates), sweep=sweep, calibration=calibration,

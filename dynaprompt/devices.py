@@ -13,8 +13,30 @@ from functools import lru_cache
 import torch
 
 
+_pinned: str | None = None  # the one GPU this process was pinned to (pin_process_to), if any
+
+
+def pin_process_to(device_id: str) -> None:
+    """See only GPU `device_id` (an index or UUID on the node) from now on.
+
+    Sets CUDA_VISIBLE_DEVICES and initialises CUDA at once, so that the binding is made now: Prefect's process
+    pool applies the parent's environment around every task, which would otherwise hand the variable back.
+    """
+    global _pinned
+    os.environ["CUDA_VISIBLE_DEVICES"] = device_id
+    _pinned = device_id
+    if torch.cuda.is_available():
+        torch.cuda.init()
+
+
+def pinned_device() -> str | None:
+    return _pinned
+
+
 def visible_devices() -> list[str]:
-    """The node's GPUs this process may use: `CUDA_VISIBLE_DEVICES` entries if set, else torch's indices."""
+    """The node's GPUs this process may use: the pinned one, else `CUDA_VISIBLE_DEVICES`, else torch's indices."""
+    if _pinned is not None:
+        return [_pinned]
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [entry.strip() for entry in listed.split(",") if entry.strip()]

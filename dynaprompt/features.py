@@ -1,12 +1,28 @@
-"""Image features of the views of each sample: computed from images, or read from a cache built once."""
+"""Image features of the views of each sample: computed from images, or read from a cache built once.
+
+The cache of one dataset under one view setting (`FeatureStore`):
+
+    data/features/<dataset>/<views id>/
+        meta.json      identity (encoder, weights, views, storage dtype), sample ids, shape, progress
+        features.npy   [samples, views, E] in the storage dtype (float16: the encoder's half precision)
+
+It is written by the embed stage through a torch DataLoader whose workers make the views (each sample's views
+a function of (view_seed, sample_id) only, so the workers' order does not matter) and, on a CPU, also encode
+them, one thread each; on a GPU the main process encodes several samples' views per forward under autocast.
+Progress is committed every `chunk_size` samples, so an interrupted embed resumes where it stopped. A run opens
+the cache memory-mapped and reads only its own samples' rows; each row's pages are released after the read, so
+a run's resident memory does not grow with the cache.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -14,25 +30,45 @@ from .model import LoadedClip
 from .provenance import weights_fingerprint
 from .views import ViewConfig, ViewGenerator
 
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+CACHE_FORMAT = 2  # 1: chunk-*.pt files of fp32 rows loaded whole; 2: one memory-mapped features.npy
 
-def cache_identity(clip: LoadedClip, arch: str, views: ViewConfig) -> dict:
-    """What a feature cache depends on: the image encoder and the views (as JSON reads it back: lists, not tuples)."""
-    return json.loads(json.dumps({"arch": arch, "weights": weights_fingerprint(clip.weights), "views": asdict(views)}))
+
+def storage_dtype(name: str) -> torch.dtype:
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"embed.dtype must be one of {sorted(STORAGE_DTYPES)}, got {name!r}")
+    return STORAGE_DTYPES[name]
+
+
+def cache_identity(clip: LoadedClip, arch: str, views: ViewConfig, dtype: str = "float16") -> dict:
+    """What a feature cache depends on: the image encoder, the views and the storage precision (as JSON reads
+    it back: lists, not tuples)."""
+    return json.loads(json.dumps({"arch": arch, "weights": weights_fingerprint(clip.weights), "views": asdict(views),
+                                  "dtype": dtype, "format": CACHE_FORMAT}))
 
 
 class ViewEncoder:
-    """The frozen image encoder over the views of one image: [n_views, E], unit norm, fp32."""
+    """The frozen image encoder over views: unit-norm features, rounded to the storage dtype, returned in fp32.
 
-    def __init__(self, clip: LoadedClip, views: ViewConfig, amp: bool = True):
+    The rounding makes features computed on the fly equal to the cached ones, bit for bit.
+    """
+
+    def __init__(self, clip: LoadedClip, views: ViewConfig, amp: bool = True, dtype: str = "float16"):
         self.clip = clip
+        self.views = views
         self.generator = ViewGenerator(views, clip.image_size, clip.image_mean, clip.image_std)
         self.amp = amp and clip.device.type == "cuda"
+        self.dtype = storage_dtype(dtype)
 
     @torch.no_grad()
-    def __call__(self, image, sample_id: str) -> torch.Tensor:
-        views = self.generator(image, sample_id).to(self.clip.device)
+    def encode(self, views: torch.Tensor) -> torch.Tensor:
+        """Features [N, E] of normalised views [N, 3, S, S] (any number of samples' views at once)."""
+        views = views.to(self.clip.device, non_blocking=True)
         with torch.autocast(self.clip.device.type, dtype=torch.float16, enabled=self.amp):
-            return self.clip.model.encode_image(views, normalize=True).float()
+            return self.clip.model.encode_image(views, normalize=True).to(self.dtype).float()
+
+    def __call__(self, image, sample_id: str) -> torch.Tensor:
+        return self.encode(self.generator(image, sample_id))
 
 
 class ImageViewSource:
@@ -46,10 +82,29 @@ class ImageViewSource:
         return self.encoder(self.dataset.load(sample_id), sample_id)
 
 
-class CachedViewSource:
-    """View features from a cache: sample ids and one [N, n_views, E] tensor."""
+class ViewsDataset(torch.utils.data.Dataset):
+    """Item i = (i, the views of sample i) -- or (i, their features) when `encoder` encodes in the worker."""
 
-    def __init__(self, sample_ids: list[str], features: torch.Tensor, device: torch.device | str = "cpu"):
+    def __init__(self, dataset, sample_ids: list[str], generator: ViewGenerator, encoder: ViewEncoder | None = None):
+        self.dataset, self.sample_ids, self.generator, self.encoder = dataset, sample_ids, generator, encoder
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, index: int):
+        sample_id = self.sample_ids[index]
+        views = self.generator(self.dataset.load(sample_id), sample_id)
+        return index, (views if self.encoder is None else self.encoder.encode(views))
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # each worker encodes on its own core
+
+
+class CachedViewSource:
+    """View features from a cache: sample ids and [N, n_views, E] rows (a tensor, or a memory-mapped file)."""
+
+    def __init__(self, sample_ids: list[str], features, device: torch.device | str = "cpu"):
         self.row = {sample_id: i for i, sample_id in enumerate(sample_ids)}
         self.features = features
         self.device = torch.device(device)
@@ -57,13 +112,50 @@ class CachedViewSource:
     def __call__(self, sample_id: str) -> torch.Tensor:
         if sample_id not in self.row:
             raise KeyError(f"sample {sample_id!r} is not in the feature cache")
-        return self.features[self.row[sample_id]].to(self.device)
+        return self.features[self.row[sample_id]].to(self.device).float()
 
     @classmethod
     def build(cls, source: ImageViewSource, sample_ids: list[str]) -> "CachedViewSource":
-        """Run `source` once per sample and keep the results."""
+        """Run `source` once per sample and keep the results in memory."""
         rows = [source(sample_id).cpu() for sample_id in sample_ids]
         return cls(list(sample_ids), torch.stack(rows), device=source.encoder.clip.device)
+
+
+class MappedRows:
+    """Rows of a .npy array read through a read-only memory map; a row's pages are released once copied."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with self.path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if fortran:
+            raise ValueError(f"{self.path}: a Fortran-ordered array is not a feature cache")
+        self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), offset
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with self.path.open("rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        start = self.offset + row * self.row_bytes
+        values = np.frombuffer(self._map, self.dtype, count=self.row_bytes // self.dtype.itemsize, offset=start)
+        out = torch.from_numpy(values.reshape(self.shape[1:]).copy())
+        page = mmap.PAGESIZE
+        first = start // page * page
+        self._map.madvise(mmap.MADV_DONTNEED, first, start + self.row_bytes - first)
+        return out
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
 
 
 def views_id(views: ViewConfig) -> str:
@@ -73,7 +165,7 @@ def views_id(views: ViewConfig) -> str:
 
 
 class FeatureStore:
-    """A view-feature cache on disk: meta.json + chunk files; resumable, each chunk written atomically."""
+    """A view-feature cache on disk: meta.json + features.npy, resumable, opened memory-mapped."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -83,56 +175,82 @@ class FeatureStore:
         """The store of one dataset's features under one view setting."""
         return cls(Path(dataset_folder) / views_id(views))
 
-    def is_complete(self) -> bool:
-        meta = self.read_meta()
-        return bool(meta and meta.get("complete"))
-
     @property
     def meta_file(self) -> Path:
         return self.folder / "meta.json"
 
-    def chunk_file(self, index: int) -> Path:
-        return self.folder / f"chunk-{index:05d}.pt"
+    @property
+    def features_file(self) -> Path:
+        return self.folder / "features.npy"
 
     def read_meta(self) -> dict | None:
         return json.loads(self.meta_file.read_text()) if self.meta_file.is_file() else None
 
-    def build(self, source: ImageViewSource, sample_ids: list[str], identity: dict, chunk_size: int = 256,
-              progress: bool = False) -> dict:
-        """Encode every sample once; chunks already on disk for the same identity are kept (resume)."""
-        meta = {"identity": identity, "sample_ids": list(sample_ids), "chunk_size": chunk_size, "complete": False}
-        previous = self.read_meta()
-        if previous and {k: previous.get(k) for k in ("identity", "sample_ids", "chunk_size")} != {
-            k: meta[k] for k in ("identity", "sample_ids", "chunk_size")
-        }:
-            for stale in self.folder.glob("chunk-*.pt"):  # another model, views or sample list: start over
-                stale.unlink()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.meta_file.write_text(json.dumps(meta))
-        starts = range(0, len(sample_ids), chunk_size)
-        bar = tqdm(total=len(sample_ids), disable=not progress, unit="sample", desc=f"embed {self.folder.name}")
-        reused = 0
-        for index, start in enumerate(starts):
-            batch = sample_ids[start : start + chunk_size]
-            target = self.chunk_file(index)
-            if target.is_file():
-                reused += len(batch)
-            else:
-                features = torch.stack([source(sample_id).cpu() for sample_id in batch])
-                partial = target.with_suffix(".partial")
-                torch.save(features, partial)
-                os.replace(partial, target)
-            bar.update(len(batch))
+    def is_complete(self) -> bool:
+        meta = self.read_meta()
+        return bool(meta and meta.get("complete"))
+
+    def write_meta(self, meta: dict) -> None:
+        partial = self.meta_file.with_name("meta.json.partial")
+        partial.write_text(json.dumps(meta))
+        os.replace(partial, self.meta_file)
+
+    def build(self, dataset, encoder: ViewEncoder, sample_ids: list[str], identity: dict, chunk_size: int = 256,
+              samples_per_batch: int = 8, workers: int = 2, progress: bool = False) -> dict:
+        """Encode every sample once; chunks already committed for the same identity are kept (resume)."""
+        sample_ids = list(sample_ids)
+        shape = [len(sample_ids), encoder.views.n_views, int(encoder.clip.model.visual.output_dim)]
+        key = {"identity": identity, "sample_ids": sample_ids, "shape": shape, "chunk_size": chunk_size}
+        meta = self.read_meta()
+        if not (meta and {k: meta.get(k) for k in key} == key and self.features_file.is_file()):
+            self._start_over()  # another model, views, dtype or sample list (or a cache of the old format)
+            np.lib.format.open_memmap(self.features_file, mode="w+", dtype=identity["dtype"], shape=tuple(shape))
+            meta = {**key, "chunks_done": [], "complete": False}
+            self.write_meta(meta)
+        n_chunks = -(-len(sample_ids) // chunk_size)
+        pending = [c for c in range(n_chunks) if c not in set(meta["chunks_done"])]
+        rows = [i for c in pending for i in range(c * chunk_size, min((c + 1) * chunk_size, len(sample_ids)))]
+        bar = tqdm(total=len(sample_ids), initial=len(sample_ids) - len(rows), disable=not progress,
+                   unit="sample", desc=f"embed {self.folder.name}")
+        target = np.load(self.features_file, mmap_mode="r+")
+        for index, features in self._encoded(dataset, encoder, sample_ids, rows, samples_per_batch, workers):
+            target[index] = features.to(encoder.dtype).numpy()
+            bar.update(1)
+            chunk = index // chunk_size
+            if index == min((chunk + 1) * chunk_size, len(sample_ids)) - 1:  # the chunk's last row: commit it
+                target.flush()
+                meta["chunks_done"] = sorted(meta["chunks_done"] + [chunk])
+                self.write_meta(meta)
         bar.close()
+        del target
         meta["complete"] = True
-        self.meta_file.write_text(json.dumps(meta))
-        return {"samples": len(sample_ids), "reused": reused, "encoded": len(sample_ids) - reused}
+        self.write_meta(meta)
+        return {"samples": len(sample_ids), "reused": len(sample_ids) - len(rows), "encoded": len(rows)}
+
+    def _start_over(self) -> None:
+        """Remove what is there by unlinking (a DVC-linked file is never written through)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.folder.glob("chunk-*.pt")) + [self.features_file, self.meta_file]:
+            stale.unlink(missing_ok=True)
+
+    @staticmethod
+    def _encoded(dataset, encoder: ViewEncoder, sample_ids, rows, samples_per_batch: int, workers: int):
+        """(row, features [V, E] on the CPU) in row order: workers make the views; on a CPU they encode them too."""
+        on_gpu = encoder.clip.device.type == "cuda"
+        items = ViewsDataset(dataset, sample_ids, encoder.generator, None if on_gpu else encoder)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(items, rows), batch_size=samples_per_batch if on_gpu else 1,
+            num_workers=workers, pin_memory=on_gpu, worker_init_fn=None if on_gpu else _one_thread,
+            prefetch_factor=4 if workers else None, persistent_workers=False)
+        for indices, batch in loader:
+            if on_gpu:  # several samples' views through one forward
+                n = batch.shape[1]
+                batch = encoder.encode(batch.flatten(0, 1)).reshape(len(indices), n, -1).cpu()
+            for index, features in zip(indices.tolist(), batch):
+                yield index, features
 
     def open(self, device: torch.device | str = "cpu", identity: dict | None = None) -> CachedViewSource:
-        return self.load(device, identity)
-
-    def load(self, device: torch.device | str = "cpu", identity: dict | None = None) -> CachedViewSource:
-        """The whole cache as a view source; incomplete, or built for another encoder or views: an error."""
+        """The cache as a view source over a memory map; incomplete, or built for another encoder: an error."""
         meta = self.read_meta()
         if not meta or not meta.get("complete"):
             raise FileNotFoundError(f"feature cache {self.folder} is missing or incomplete (run the embed stage)")
@@ -141,9 +259,7 @@ class FeatureStore:
                 f"feature cache {self.folder} was built for {meta['identity']}, not for {identity}; "
                 "re-run the embed stage (dvc repro) or remove the folder"
             )
-        n_chunks = -(-len(meta["sample_ids"]) // meta["chunk_size"])
-        chunks = [torch.load(self.chunk_file(i), map_location="cpu", weights_only=True) for i in range(n_chunks)]
-        return CachedViewSource(meta["sample_ids"], torch.cat(chunks), device=device)
+        return CachedViewSource(meta["sample_ids"], MappedRows(self.features_file), device=device)
 
 
 class MixtureViewSource:

@@ -77,6 +77,7 @@ def fingerprint_run(settings, key, method, run, ordering: dict, weights: str) ->
         "prompt": asdict(settings.prompt),
         "run": run.describe(),
         "views": {m: asdict(v) for m, v in run.member_views},
+        "features": settings.embed.dtype,  # the precision the view features are stored (and computed) in
         "templates": run.templates,
         "stream": _plain(stream),
         "members": {m: _plain(settings.datasets[m]) for m in members},

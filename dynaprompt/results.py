@@ -86,13 +86,14 @@ class RunSummary:
         blocks = self.block_accuracy
         return {**{c: getattr(self, c) for c in RUN_COLUMNS if hasattr(self, c)},
                 "first_block_accuracy": blocks[0] if blocks else math.nan,
-                "last_block_accuracy": blocks[-1] if blocks else math.nan}
+                "last_block_accuracy": blocks[-1] if blocks else math.nan,
+                "device_name": self.device_info.get("name", self.device)}
 
 
 RUN_COLUMNS = [
     "dataset", "method", "method_kind", "ordering", "ordering_kind", "order_independent", "n", "accuracy",
     "block_size", "block_accuracy", "first_block_accuracy", "last_block_accuracy", "seconds_per_sample",
-    "seconds_total", "wall_seconds", "fingerprint",
+    "seconds_total", "wall_seconds", "fingerprint", "device", "device_name",
 ]
 
 

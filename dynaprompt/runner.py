@@ -133,8 +133,8 @@ def view_source_for(run: ResolvedRun, data: ManifestDataset, clip: LoadedClip):
 def member_source(settings: Settings, data: ManifestDataset, clip: LoadedClip, views):
     store = feature_store(settings, data.name, views)
     if store.is_complete():
-        return store.open(clip.device, identity=cache_identity(clip, settings.model.arch, views))
-    return ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp))
+        return store.open(clip.device, identity=cache_identity(clip, settings.model.arch, views, settings.embed.dtype))
+    return ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp, dtype=settings.embed.dtype))
 
 
 def execute(run: ResolvedRun, clip: LoadedClip, limit: int | None = None, view_source=None,

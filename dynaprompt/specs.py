@@ -48,6 +48,16 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EmbedConfig:
+    """The `embed:` block: how the embed stage computes and stores view features."""
+
+    dtype: str = "float16"  # storage precision: the encoder's half precision (its output under autocast on GPU)
+    samples_per_batch: int = 8  # samples whose views share one encoder forward (GPU; on a CPU each worker encodes)
+    loader_workers: int = 2  # DataLoader worker processes that make the views (on a CPU: and encode them)
+    chunk_size: int = 256  # samples between progress commits: an interrupted embed resumes at the last one
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """One `datasets:` entry: the adapter's kind and options, and what the dataset sets for its runs."""
 
@@ -216,6 +226,7 @@ class Settings:
     views: ViewConfig = field(default_factory=ViewConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     datasets: dict = field(default_factory=dict)
     mixtures: dict = field(default_factory=dict)
     methods: dict = field(default_factory=dict)  # declared and derived (ablation, calibration) methods

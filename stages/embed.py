@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
+from dynaprompt.features import ViewEncoder, cache_identity
 from dynaprompt.model import load_clip
 from dynaprompt.plan import needed_views
 from dynaprompt.runner import feature_store, open_stream
@@ -27,12 +27,14 @@ def main(name: str) -> None:
         return
     dataset = open_stream(config, name)
     clip = load_clip(config.model)
+    embed = config.embed
     for views in needed:
-        source = ImageViewSource(dataset, ViewEncoder(clip, views, amp=config.tuning.amp))
+        encoder = ViewEncoder(clip, views, amp=config.tuning.amp, dtype=embed.dtype)
         store = feature_store(config, name, views)
         start = time.perf_counter()
-        stats = store.build(source, dataset.manifest["sample_id"].tolist(),
-                            cache_identity(clip, config.model.arch, views), progress=True)
+        stats = store.build(dataset, encoder, dataset.manifest["sample_id"].tolist(),
+                            cache_identity(clip, config.model.arch, views, embed.dtype), chunk_size=embed.chunk_size,
+                            samples_per_batch=embed.samples_per_batch, workers=embed.loader_workers, progress=True)
         seconds = time.perf_counter() - start
         print(f"embedded {name} ({store.folder.name}): {stats['encoded']} samples encoded, {stats['reused']} "
               f"reused, {seconds:.1f}s ({1000 * seconds / max(1, stats['encoded']):.1f} ms/sample)")

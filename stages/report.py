@@ -43,10 +43,13 @@ def setup_section(doc: Document, results: Results, config: Settings, metrics: di
                for m in results.order("method", main)]
     kinds = main.drop_duplicates("ordering").groupby("ordering_kind")["ordering"].apply(lambda o: ", ".join(o))
     groups = runs["group"].value_counts().to_dict()
+    devices = runs.fillna({"device": "unknown", "device_name": "unknown"}).groupby(["device", "device_name"]).size()
     doc.add(f"# {TITLE}", "## Setup",
             f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in groups.items())}). Model `{config.model.arch}`, "
             f"weights `{config.model.pretrained}`. Accuracy per block of {config.run.block_size} samples along "
-            f"each stream. Orderings: " + "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ".",
+            f"each stream. Orderings: " + "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ". Computed on: "
+            + "; ".join(f"{d} ({name}): {n} runs" for (d, name), n in devices.items())
+            + " (a GPU's records can differ from a CPU's in the last bits).",
             table(datasets), table(methods))
 
 

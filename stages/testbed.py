@@ -27,7 +27,8 @@ def main() -> None:
     streams = {}
     for name in config.testbed.streams:
         data = open_stream(config, name)
-        original = ViewEncoder(clip, ViewConfig(n_views=1), amp=config.tuning.amp)  # view 0: resize + centre crop
+        original = ViewEncoder(clip, ViewConfig(n_views=1), amp=config.tuning.amp,  # view 0: resize + centre crop
+                               dtype=config.embed.dtype)
         features = torch.stack([original(data.load(s), s)[0].cpu() for s in data.manifest["sample_id"]])
         fractions = template_accuracies(clip, features, data.manifest["label"].to_numpy(), data.classnames, templates)
         accuracy = {template: round(100 * value, 4) for template, value in fractions.items()}  # float32 means

@@ -2,8 +2,7 @@
 
 On a node with G visible GPUs and `model.device` auto or cuda, `runner: process` starts G x
 `sweep.workers_per_gpu` worker processes; each claims the next slot of a shared counter when it starts and
-sets `CUDA_VISIBLE_DEVICES` to its one GPU before torch touches CUDA, so `cuda` in that process is its own
-device. `runner: dask` without an address starts dask-cuda's `LocalCUDACluster` (one worker per GPU, each
+binds CUDA to its one GPU (`dynaprompt.devices.pin_process_to`), so `cuda` in that process is its own device. `runner: dask` without an address starts dask-cuda's `LocalCUDACluster` (one worker per GPU, each
 pinned by dask-cuda itself, `workers_per_gpu` threads each); across nodes, `dask cuda worker` does the same per
 node. GPUs are counted and named the way dask-cuda counts them (`dask_cuda.utils`), so a node's
 `CUDA_VISIBLE_DEVICES` (GPU indices or UUIDs) is honoured.
@@ -41,12 +40,14 @@ def device_of_slot(slot: int, workers_per_gpu: int, n_gpus: int) -> str:
 
 
 def pin_worker(counter, workers_per_gpu: int, n_gpus: int) -> None:
-    """Process-pool initializer: take the next slot and see only that slot's GPU (before CUDA is initialised)."""
+    """Process-pool initializer: take the next slot and see only that slot's GPU from now on."""
+    from dynaprompt.devices import pin_process_to
+
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
-    os.environ["CUDA_VISIBLE_DEVICES"] = device_of_slot(slot, workers_per_gpu, n_gpus)
     os.environ[SLOT_VARIABLE] = str(slot)
+    pin_process_to(device_of_slot(slot, workers_per_gpu, n_gpus))
 
 
 def process_runner(config: SweepConfig, model: ModelSpec):

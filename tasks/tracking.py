@@ -92,7 +92,10 @@ class SweepTracker:
         if summary["fingerprint"] in self.logged:
             return None
         name = f"{summary['dataset']}/{summary['method']}/{summary['ordering']}"
+        device = summary.get("device_info") or {}
         tags = {**self.common_tags, "mlflow.parentRunId": self.parent_id, "run_key": name, "kind": "run",
+                "device": summary.get("device", "cpu"), "device.name": str(device.get("name", "")),
+                "device.cuda": str(device.get("cuda", "")), "device.driver": str(device.get("driver", "")),
                 "fingerprint": summary["fingerprint"], "dataset": summary["dataset"], "method": summary["method"],
                 "ordering": summary["ordering"], "order_independent": str(summary["order_independent"]).lower(),
                 "mlflow.note.content": f"{summary['method']} ({summary['method_kind']}) on {summary['dataset']}, "

@@ -9,7 +9,7 @@ import yaml
 
 from dynaprompt.cli import main as cli
 from dynaprompt.config import load_settings
-from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
+from dynaprompt.features import ViewEncoder, cache_identity
 from dynaprompt.methods import build_method
 from dynaprompt.model import ModelSpec, load_clip
 from dynaprompt.objectives import TuningConfig
@@ -37,7 +37,7 @@ def build_cache(params_file, clip):
     data = open_stream(settings, "toy")
     views = resolve_run(settings, "toy", "dynaprompt").views
     store = feature_store(settings, "toy", views)
-    store.build(ImageViewSource(data, ViewEncoder(clip, views)), data.manifest["sample_id"].tolist(),
+    store.build(data, ViewEncoder(clip, views), data.manifest["sample_id"].tolist(),
                 cache_identity(clip, settings.model.arch, views))
     return store, data
 
@@ -45,10 +45,11 @@ def build_cache(params_file, clip):
 def test_poisoned_cache_entry_stops_the_run_naming_it(tmp_path, image_root, clip, capsys):
     params = write_params(tmp_path, image_root)
     store, data = build_cache(params, clip)
-    chunk = torch.load(store.chunk_file(0))
+    features = np.load(store.features_file, mmap_mode="r+")
     victim = data.manifest["sample_id"].tolist()[5]
-    chunk[5, 3, 7] = float("nan")
-    torch.save(chunk, store.chunk_file(0))
+    features[5, 3, 7] = float("nan")
+    features.flush()
+    del features
     code = cli(["run", "--params", str(params), "--dataset", "toy", "--method", "dynaprompt", "--ordering",
                 "shuffle-0", "--no-progress"])
     err = capsys.readouterr().err

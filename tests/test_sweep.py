@@ -190,10 +190,10 @@ def test_the_cli_and_the_sweep_give_the_same_records(prefect_server, image_root,
 @pytest.mark.slow
 def test_a_run_with_bad_numbers_fails_alone_and_the_others_are_kept(prefect_server, image_root, tmp_path):
     """A NaN in one dataset's feature cache stops that dataset's runs, naming the sample; the rest finish."""
-    import torch
+    import numpy as np
 
     from dynaprompt.config import load_settings
-    from dynaprompt.features import ImageViewSource, ViewEncoder, cache_identity
+    from dynaprompt.features import ViewEncoder, cache_identity
     from dynaprompt.model import load_clip
     from dynaprompt.resolve import resolve_run
     from dynaprompt.results import ResultsLayout, RunKey
@@ -206,11 +206,12 @@ def test_a_run_with_bad_numbers_fails_alone_and_the_others_are_kept(prefect_serv
     views = resolve_run(settings, "toy-a", "dynaprompt").views
     store = feature_store(settings, "toy-a", views)
     data = open_stream(settings, "toy-a")
-    store.build(ImageViewSource(data, ViewEncoder(clip, views)), data.manifest["sample_id"].tolist(),
+    store.build(data, ViewEncoder(clip, views), data.manifest["sample_id"].tolist(),
                 cache_identity(clip, settings.model.arch, views))
-    chunk = torch.load(store.chunk_file(0))
-    chunk[2] = float("nan")
-    torch.save(chunk, store.chunk_file(0))
+    features = np.load(store.features_file, mmap_mode="r+")
+    features[2] = float("nan")
+    features.flush()
+    del features
     with pytest.raises(RuntimeError) as failure:
         run_sweep(str(params))
     message = str(failure.value)

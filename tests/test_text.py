@@ -68,3 +68,50 @@ def test_gradients_reach_the_context(encoders):
     context = cut.init_context.clone().unsqueeze(0).requires_grad_(True)
     cut.encode(context).sum().backward()
     assert context.grad is not None and context.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------ chunks under a token budget
+
+
+def chunked_case(clip, budget_sequences: int):
+    """Three prompts over the test's classes: one pass, and chunks of `budget_sequences` sequences."""
+    whole = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES)
+    chunked = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES,
+                                max_tokens=budget_sequences * whole.sequence_length)
+    generator = torch.Generator().manual_seed(1)
+    contexts = whole.init_context + 0.3 * torch.randn(3, *whole.init_context.shape, generator=generator)
+    return whole, chunked, contexts
+
+
+@pytest.mark.parametrize("budget_sequences", [1, 2, 4])
+def test_chunked_features_and_predictions_equal_one_pass(clip, budget_sequences):
+    whole, chunked, contexts = chunked_case(clip, budget_sequences)
+    assert chunked.sequences_per_chunk == budget_sequences < 3 * len(CLASSNAMES)  # it does chunk
+    one, parts = whole.encode(contexts), chunked.encode(contexts)
+    torch.testing.assert_close(parts, one, rtol=0, atol=1e-6)
+    image = torch.nn.functional.normalize(torch.randn(7, one.shape[-1], generator=torch.Generator().manual_seed(2)),
+                                          dim=-1)
+    assert torch.equal((image @ one.transpose(1, 2)).argmax(-1), (image @ parts.transpose(1, 2)).argmax(-1))
+
+
+@pytest.mark.parametrize("budget_sequences", [1, 4])
+def test_chunked_gradients_equal_one_pass_under_checkpointing(clip, budget_sequences):
+    """The same loss through chunks under activation checkpointing gives the same gradients (to 1e-6 relative)."""
+    whole, chunked, contexts = chunked_case(clip, budget_sequences)
+    image = torch.nn.functional.normalize(torch.randn(5, 128, generator=torch.Generator().manual_seed(3)), dim=-1)
+    grads = []
+    for encoder in (whole, chunked):
+        params = contexts.clone().requires_grad_(True)
+        logits = 10 * image @ encoder.encode(params).transpose(1, 2)  # [P, V, C]
+        (-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()).backward()
+        grads.append(params.grad)
+    scale = float(grads[0].abs().max())
+    assert scale > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_no_budget_or_a_large_one_is_a_single_pass(clip):
+    whole = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES)
+    roomy = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, max_tokens=10**6)
+    contexts = whole.init_context.unsqueeze(0).repeat(2, 1, 1)
+    assert torch.equal(whole.encode(contexts), roomy.encode(contexts))  # bit for bit: the same one pass
