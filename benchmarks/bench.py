@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections import defaultdict
@@ -48,6 +47,7 @@ from dynaprompt.text import PromptTextEncoder, text_tower
 from .clock import Clock
 from .lockstep import lockstep_supported, run_lockstep
 from .reference import PlainCLIP, build_plain
+from .rss import peak_rss_mib
 from .stream import Stream, benchmark_classnames
 
 REFERENCED = ("zero_shot", "zero", "tpt", "online_tpt", "dynaprompt", "dynaprompt_official")
@@ -81,12 +81,6 @@ def available_memory_gib(device: torch.device) -> float:
         return float("inf")
     kib = [int(line.split()[1]) for line in lines if line.startswith("MemAvailable:")]
     return kib[0] / 2**20 if kib else float("inf")
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident set size so far (`getrusage`: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def load_average() -> list[float] | None:

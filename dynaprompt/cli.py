@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", required=True, help="a key of `datasets` or `mixtures` in params")
     run.add_argument("--method", required=True, help="a key of `methods` in params (or a derived variant)")
     run.add_argument("--ordering", required=True, help="a key of `orderings` in params")
+    run.add_argument("--seed", type=int, default=None,
+                     help="view (augmentation) seed; default: views.view_seed of params")
     run.add_argument("--limit", type=int, default=None,
                      help="only the first N samples of the stream (needs --out: a partial run is not a result)")
     run.add_argument("--out", default=None,
@@ -32,7 +34,9 @@ def run_command(args) -> int:
     from .runner import execute, store_run
 
     settings = load_settings(args.params)
-    key = RunKey(args.dataset, args.method, args.ordering)
+    from .plan import seed_keys
+
+    key = RunKey(args.dataset, args.method, args.ordering, seed_keys(settings, [args.seed])[0])
     settings.stream(key.dataset), settings.method(key.method), settings.ordering(key.ordering)  # names first
     if args.limit is not None and args.out is None:
         raise ValueError("--limit needs --out: a partial stream is not stored as the run's result")

@@ -12,7 +12,6 @@ from functools import lru_cache
 
 import torch
 
-
 _pinned: str | None = None  # the one GPU this process was pinned to (pin_process_to), if any
 
 

@@ -212,7 +212,8 @@ class FeatureStore:
         rows = [i for c in pending for i in range(c * chunk_size, min((c + 1) * chunk_size, len(sample_ids)))]
         bar = tqdm(total=len(sample_ids), initial=len(sample_ids) - len(rows), disable=not progress,
                    unit="sample", desc=f"embed {self.folder.name}")
-        target = np.load(self.features_file, mmap_mode="r+")
+        # opened for writing only when something is left: a complete (perhaps DVC-linked, read-only) cache never is
+        target = np.load(self.features_file, mmap_mode="r+") if rows else None
         for index, features in self._encoded(dataset, encoder, sample_ids, rows, samples_per_batch, workers):
             target[index] = features.to(encoder.dtype).numpy()
             bar.update(1)
@@ -223,8 +224,9 @@ class FeatureStore:
                 self.write_meta(meta)
         bar.close()
         del target
-        meta["complete"] = True
-        self.write_meta(meta)
+        if not meta["complete"]:
+            meta["complete"] = True
+            self.write_meta(meta)
         return {"samples": len(sample_ids), "reused": len(sample_ids) - len(rows), "encoded": len(rows)}
 
     def _start_over(self) -> None:
@@ -238,8 +240,8 @@ class FeatureStore:
         """(row, features [V, E] on the CPU) in row order: workers make the views; on a CPU they encode them too."""
         on_gpu = encoder.clip.device.type == "cuda"
         items = ViewsDataset(dataset, sample_ids, encoder.generator, None if on_gpu else encoder)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(items, rows), batch_size=samples_per_batch if on_gpu else 1,
+        loader = torch.utils.data.DataLoader(  # a batch is one message from a worker: B samples' views or features
+            torch.utils.data.Subset(items, rows), batch_size=samples_per_batch,
             num_workers=workers, pin_memory=on_gpu, worker_init_fn=None if on_gpu else _one_thread,
             prefetch_factor=4 if workers else None, persistent_workers=False)
         for indices, batch in loader:

@@ -1,10 +1,11 @@
 """The orderings registry: orderings that scheduled sweeps drew, kept with the results (results/orderings.json).
 
 Each entry is reproducible by name and seed, says when and by which sweep it was added, and lists the runs
-(dataset, method) it was drawn for. An entry is `pending` from the moment it is drawn (written atomically before
-any of its runs start) until all its runs are finished; a sweep killed in between resumes its pending entries
-before it draws new ones, and new seeds are always above every seed any ordering of that kind has used, so a
-half-finished seed is never handed out twice.
+(dataset, method) it was drawn for and the view seeds they run under (its cells of the ordering x seed grid). An
+entry is `pending` from the moment it is drawn (written atomically before any of its runs start) until all its
+runs are finished; a sweep killed in between resumes its pending entries before it draws new ones, and new seeds
+are always above every seed any ordering of that kind has used, so a half-finished seed is never handed out
+twice.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class RegisteredOrdering:
     sweep_id: str
     runs: list = field(default_factory=list)  # [dataset, method] pairs
     status: str = "pending"  # pending | complete
+    seeds: list | None = None  # the view seeds its runs run under (null: the params' main grid)
 
     @property
     def spec(self) -> OrderingSpec:
@@ -61,13 +63,14 @@ class OrderingRegistry:
         used += [e.seed for e in self.entries() if e.kind == kind]
         return max(used, default=-1) + 1
 
-    def draw(self, settings: Settings, kind: str, runs: list, sweep_id: str, options: dict | None = None
-             ) -> RegisteredOrdering:
-        """Register a new ordering of `kind` for `runs` ([dataset, method] pairs), pending until they finish."""
+    def draw(self, settings: Settings, kind: str, runs: list, sweep_id: str, options: dict | None = None,
+             seeds: list | None = None) -> RegisteredOrdering:
+        """Register a new ordering of `kind` for `runs` ([dataset, method] pairs) under the view `seeds` (its
+        cells), pending until they finish."""
         seed = self.next_seed(settings, kind)
         entry = RegisteredOrdering(name=f"{kind}-{seed}", kind=kind, seed=seed, options=dict(options or {}),
                                    added_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sweep_id=sweep_id,
-                                   runs=[list(r) for r in runs])
+                                   runs=[list(r) for r in runs], seeds=None if seeds is None else list(seeds))
         if entry.name in settings.orderings:
             raise ValueError(f"ordering {entry.name!r} is already defined in params; rename it there")
         self.save(self.entries() + [entry])

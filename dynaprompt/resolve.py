@@ -102,10 +102,11 @@ def dataset_views(settings: Settings, dataset: str) -> ViewConfig:
     return settings.views if spec.augmix is None else replace(settings.views, augmix=bool(spec.augmix))
 
 
-def method_views(settings: Settings, method: MethodSpec, dataset: str) -> ViewConfig:
-    """The views a method sees on a (non-mixture) dataset."""
+def method_views(settings: Settings, method: MethodSpec, dataset: str, seed: int | None = None) -> ViewConfig:
+    """The views a method sees on a (non-mixture) dataset, under view seed `seed` (None: as resolved)."""
     overrides = {**method.views, **dict(method.per_dataset.get(dataset, {})).get("views", {})}
-    return with_overrides(dataset_views(settings, dataset), overrides)
+    views = with_overrides(dataset_views(settings, dataset), overrides)
+    return views if seed is None else replace(views, view_seed=int(seed))
 
 
 def stream_tuning(settings: Settings, dataset: str) -> dict:
@@ -127,8 +128,9 @@ def stream_members(settings: Settings, dataset: str) -> tuple:
     return tuple(settings.mixtures[dataset].members) if dataset in settings.mixtures else (dataset,)
 
 
-def resolve_run(settings: Settings, dataset: str, method: str) -> RunSettings:
-    """The effective settings of `method` on `dataset` (precedence in the module docstring)."""
+def resolve_run(settings: Settings, dataset: str, method: str, seed: int | None = None) -> RunSettings:
+    """The effective settings of `method` on `dataset` (precedence in the module docstring); `seed` replaces the
+    view seed of every member's views (None: as resolved)."""
     from .methods import METHODS
 
     spec = settings.method(method)
@@ -137,7 +139,7 @@ def resolve_run(settings: Settings, dataset: str, method: str) -> RunSettings:
     tuning = with_overrides(settings.tuning, {**stream_tuning(settings, dataset), **spec.tuning,
                                              **per_dataset.pop("tuning", {})})
     per_dataset.pop("views", None)
-    views = tuple((m, method_views(settings, spec, m)) for m in stream_members(settings, dataset))
+    views = tuple((m, method_views(settings, spec, m, seed)) for m in stream_members(settings, dataset))
     config = dataclass_from(METHODS[spec.kind].Config, {**spec.options, **per_dataset})
     return RunSettings(views=views[0][1], tuning=tuning, options=config,
                        templates=resolve_templates(settings, spec, dataset), block_size=settings.run.block_size,
@@ -183,7 +185,7 @@ def resolve(settings: Settings, key: RunKey, weights: str) -> ResolvedRun:
     from .provenance import fingerprint_run
 
     method = settings.method(key.method)
-    run = resolve_run(settings, key.dataset, key.method)
+    run = resolve_run(settings, key.dataset, key.method, key.seed)
     ordering = ({"kind": "natural"} if key.ordering == SHARED_ORDERING
                 else settings.ordering(key.ordering).as_dict())
     return ResolvedRun(key=key, settings=settings, method=method, run=run, ordering=ordering, weights=weights,

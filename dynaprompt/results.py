@@ -7,8 +7,11 @@ module; no other file spells a results path.
     results/sweep.json                                  the latest sweep's id and MLflow parent run
     results/orderings.json                              orderings added by scheduled sweeps (the registry)
     results/runs.parquet                                one row per finished run (RUN_COLUMNS)
-    results/runs/<dataset>/<method>/<ordering>.parquet  one row per test sample, in stream order
-    results/runs/<dataset>/<method>/<ordering>.json     the run's summary (RunSummary), written last
+    results/runs/<dataset>/<method>/<cell>.parquet      one row per test sample, in stream order
+    results/runs/<dataset>/<method>/<cell>.json         the run's summary (RunSummary), written last
+
+A cell is an ordering under one augmentation seed: `<ordering>` under the params' `views.view_seed`,
+`<ordering>~seed<k>` under view seed k (the runs of `sweep.view_seeds`).
     results/runs/<dataset>/<method>/<ordering>.checkpoint/  a run in progress (dynaprompt.checkpoint)
 """
 from __future__ import annotations
@@ -24,22 +27,37 @@ import pandas as pd
 SHARED_ORDERING = "__shared__"  # an order-independent method's records in manifest order, reordered per ordering
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class RunKey:
-    """One run: a method over one ordering of one dataset (or mixture)."""
+    """One run: a method over one ordering of one dataset (or mixture), under one augmentation seed.
+
+    `seed` None is the params' `views.view_seed`; an integer is another view seed (the views, and so the feature
+    cache, of every sample change with it; the ordering does not).
+    """
 
     dataset: str
     method: str
     ordering: str
+    seed: int | None = None
+
+    @property
+    def cell(self) -> str:
+        """The ordering and seed as one name: `shuffle-0`, or `shuffle-0~seed2` under view seed 2."""
+        return self.ordering if self.seed is None else f"{self.ordering}~seed{self.seed}"
 
     @property
     def label(self) -> str:
-        """How a run is named everywhere: dataset/method/ordering."""
-        return f"{self.dataset}/{self.method}/{self.ordering}"
+        """How a run is named everywhere: dataset/method/ordering (~seed<k> under another view seed)."""
+        return f"{self.dataset}/{self.method}/{self.cell}"
 
     def shared(self) -> "RunKey":
-        """The manifest-order run an order-independent method computes once per dataset."""
-        return RunKey(self.dataset, self.method, SHARED_ORDERING)
+        """The manifest-order run an order-independent method computes once per dataset and seed."""
+        return RunKey(self.dataset, self.method, SHARED_ORDERING, self.seed)
+
+    @classmethod
+    def from_cell(cls, dataset: str, method: str, cell: str) -> "RunKey":
+        ordering, _, seed = cell.partition("~seed")
+        return cls(dataset, method, ordering, int(seed) if seed else None)
 
 
 @dataclass
@@ -65,12 +83,14 @@ class RunSummary:
     wall_seconds: float = 0.0
     started_at: float = 0.0  # unix time
     ended_at: float = 0.0
+    seed: int | None = None  # the key's view seed (None: the params' views.view_seed)
+    view_seed: int = 0  # the view seed the run saw
     settings: dict = field(default_factory=dict)  # the effective settings, flat (RunSettings.describe)
     final_state: dict = field(default_factory=dict)  # what the method leaves at the end (DynaPrompt's buffer)
 
     @property
     def key(self) -> RunKey:
-        return RunKey(self.dataset, self.method, self.ordering)
+        return RunKey(self.dataset, self.method, self.ordering, self.seed)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -87,11 +107,12 @@ class RunSummary:
         return {**{c: getattr(self, c) for c in RUN_COLUMNS if hasattr(self, c)},
                 "first_block_accuracy": blocks[0] if blocks else math.nan,
                 "last_block_accuracy": blocks[-1] if blocks else math.nan,
-                "device_name": self.device_info.get("name", self.device)}
+                "device_name": self.device_info.get("name", self.device), "cell": self.key.cell}
 
 
 RUN_COLUMNS = [
-    "dataset", "method", "method_kind", "ordering", "ordering_kind", "order_independent", "n", "accuracy",
+    "dataset", "method", "method_kind", "ordering", "view_seed", "cell", "ordering_kind", "order_independent", "n",
+    "accuracy",
     "block_size", "block_accuracy", "first_block_accuracy", "last_block_accuracy", "seconds_per_sample",
     "seconds_total", "wall_seconds", "fingerprint", "device", "device_name",
 ]
@@ -127,7 +148,7 @@ class ResultsLayout:
         return json.loads(self.sweep_record.read_text()) if self.sweep_record.is_file() else None
 
     def records(self, key: RunKey) -> Path:
-        return self.root / "runs" / key.dataset / key.method / f"{key.ordering}.parquet"
+        return self.root / "runs" / key.dataset / key.method / f"{key.cell}.parquet"
 
     def summary(self, key: RunKey) -> Path:
         return self.records(key).with_suffix(".json")
@@ -162,18 +183,21 @@ class ResultsLayout:
         """Every finished run under the folder (shared manifest-order runs excluded)."""
         found = []
         for file in sorted((self.root / "runs").glob("*/*/*.json")):
-            if file.stem != SHARED_ORDERING and file.with_suffix(".parquet").is_file():
+            if not file.stem.startswith(SHARED_ORDERING) and file.with_suffix(".parquet").is_file():
                 found.append(RunSummary.from_json(file.read_text()))
         return found
 
     def write_plan(self, planned: list) -> None:
         """planned: (RunKey, group) pairs."""
-        rows = [{**asdict(key), "group": group} for key, group in planned]
+        rows = [{**asdict(key), "cell": key.cell, "group": group} for key, group in planned]
         write_atomically(json.dumps({"runs": rows}, indent=2), self.plan_file)
 
     def read_plan(self) -> pd.DataFrame:
         rows = json.loads(self.plan_file.read_text()).get("runs", [])
-        return pd.DataFrame(rows, columns=["dataset", "method", "ordering", "group"])
+        frame = pd.DataFrame(rows, columns=PLAN_COLUMNS)
+        frame["cell"] = [RunKey(r.dataset, r.method, r.ordering, none_if_nan(r.seed)).cell
+                         for r in frame.itertuples(index=False)]
+        return frame
 
     def write_runs_table(self, summaries: list[RunSummary]) -> pd.DataFrame:
         table = runs_table(summaries)
@@ -181,10 +205,18 @@ class ResultsLayout:
         return table
 
 
+PLAN_COLUMNS = ["dataset", "method", "ordering", "seed", "cell", "group"]
+
+
+def none_if_nan(value):
+    """A seed read back from a table: None for the params' seed (stored as null / NaN), else an int."""
+    return None if value is None or value != value else int(value)
+
+
 def runs_table(summaries: list[RunSummary]) -> pd.DataFrame:
     """One row per run, RUN_COLUMNS, sorted by run key."""
     table = pd.DataFrame([s.row() for s in summaries], columns=RUN_COLUMNS)
-    return table.sort_values(["dataset", "method", "ordering"], ignore_index=True)
+    return table.sort_values(["dataset", "method", "ordering", "view_seed"], ignore_index=True)
 
 
 def write_atomically(content, target: Path) -> None:

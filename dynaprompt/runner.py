@@ -150,8 +150,7 @@ def execute(run: ResolvedRun, clip: LoadedClip, limit: int | None = None, view_s
     # the same `run.threads`, so concurrent runs in one process never set it differently
     torch.set_num_threads(run.run.threads)
     device = describe_device(clip.device)
-    if progress:
-        print(f"{run.label}: {device_line(device)}", flush=True)
+    print(f"{run.label}: {device_line(device)}", flush=True)  # every run's first line: where it runs
     method = build_method(run.method.kind, text, run.run.tuning, run.run.options, run.run.templates)
     try:
         records = run_stream(method, stream, labels, source, progress=progress, desc=run.label,
@@ -172,6 +171,7 @@ def make_summary(run: ResolvedRun, records: pd.DataFrame, started: float, method
         dataset=run.key.dataset, method=run.key.method, method_kind=run.method.kind, ordering=run.key.ordering,
         ordering_kind=run.ordering_kind, order_independent=run.order_independent,
         **summarize(records, run.run.block_size), fingerprint=run.fingerprint, weights=run.weights,
+        seed=run.key.seed, view_seed=run.run.views.view_seed,
         device=device_name(device), device_info=device, wall_seconds=time.time() - started, started_at=started,
         ended_at=time.time(), settings=run.run.describe(), final_state=final,
     )

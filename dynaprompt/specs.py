@@ -125,6 +125,8 @@ class ScheduleConfig:
     cron: str | None = None
     add_orderings: int = 2  # new orderings per order-dependent kind per scheduled run
     target_half_width: float = 0.01  # stop once every (dataset, method) 95% interval half-width is below this
+    target_sd_order_width: float = 0.03  # ... and the width of SD(order)'s 95% interval is below this
+    variance_bootstrap: int = 50  # bootstrap refits behind SD(order)'s interval when a scheduled run decides
     max_orderings: int = 50  # never more orderings of one kind on one dataset than this
 
 
@@ -135,6 +137,7 @@ class SweepConfig:
     datasets: tuple | None = None  # null: every dataset and mixture
     methods: tuple | None = None  # null: every declared method
     orderings: tuple | None = None  # null: every ordering (cyclic ones pair with mixtures only)
+    view_seeds: tuple | None = None  # augmentation seeds crossed with the orderings; null: views.view_seed alone
     runner: str = "process"  # process | thread | dask
     workers: int = 2  # parallel runs on CPU (each with run.threads torch threads)
     workers_per_gpu: int = 1  # on a GPU node: worker processes (process runner) or threads (dask-cuda) per GPU
@@ -185,6 +188,8 @@ class ReportConfig:
     min_orderings: int = 3  # fewer orderings than this: the interval is flagged "too few orderings"
     max_panels: int = 6  # datasets per figure / DynaPrompt runs in the buffer figure, plan order
     dpi: int = 110
+    variance_bootstrap: int = 100  # parametric bootstrap refits behind each variance component's interval
+    workers: int = 2  # processes fitting the variance components
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (offline Prefect/MLflow defaults before prefect is imported)
 from dynaprompt.config import load_settings
-from dynaprompt.plan import expand_plan
+from dynaprompt.plan import expand_plan, seed_keys, view_seeds
 from dynaprompt.registry import OrderingRegistry, with_registered
 from dynaprompt.results import ResultsLayout, RunKey
 from dynaprompt.schema import ParamsError
@@ -55,8 +55,8 @@ def submission_order(plan: list, settings: Settings) -> list:
     for key, _group in plan:
         wait_for = None
         if settings.method(key.method).order_independent:
-            wait_for = first_of.get((key.dataset, key.method))
-            first_of.setdefault((key.dataset, key.method), key)
+            wait_for = first_of.get((key.dataset, key.method, key.seed))
+            first_of.setdefault((key.dataset, key.method, key.seed), key)
         ordered.append((key, wait_for))
     return ordered
 
@@ -89,7 +89,7 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
             return {"runs": 0, "computed": 0, "reused": 0, "added": []}
         clear_caches()  # the run tasks must see the new registry entries
         settings = with_registered(settings, registry.entries())
-        plan = [(key, "added") for entry in added for key in entry_runs(entry)]
+        plan = [(key, "added") for entry in added for key in entry_runs(settings, entry)]
     else:
         plan = expand_plan(settings)
         layout.write_plan(plan)
@@ -106,7 +106,7 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
     layout.write_sweep_record({"sweep_id": sweep_id, "mlflow_run_id": tracker.parent_id})
     futures, by_key = {}, {}
     for key, wait_for in submission_order(plan, settings):
-        future = run_task.submit(str(params_path), key.dataset, key.method, key.ordering,
+        future = run_task.submit(str(params_path), key.dataset, key.method, key.cell,
                                  wait_for=[by_key[wait_for]] if wait_for else None)
         futures[future], by_key[key] = key, future
 
@@ -130,7 +130,7 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
 
     layout.write_runs_table(layout.summaries())
     if added:
-        registry.complete([e.name for e in added if not any(k in failed for k in entry_runs(e))])
+        registry.complete([e.name for e in added if not any(k in failed for k in entry_runs(settings, e))])
     seconds = time.perf_counter() - start
     tracker.end_sweep("FAILED" if failed else "FINISHED", {
         "runs": len(plan), "computed": computed, "reused": reused, "failed": len(failed), "seconds": seconds,
@@ -145,9 +145,10 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
     return {"runs": len(plan), "computed": computed, "reused": reused, "added": [e.name for e in added]}
 
 
-def entry_runs(entry) -> list:
-    """The runs a registered ordering was drawn for."""
-    return [RunKey(dataset, method, entry.name) for dataset, method in entry.runs]
+def entry_runs(settings: Settings, entry) -> list:
+    """The runs a registered ordering was drawn for: its (dataset, method) pairs under each of its seeds."""
+    seeds = seed_keys(settings, entry.seeds) if entry.seeds else view_seeds(settings)
+    return [RunKey(dataset, method, entry.name, seed) for dataset, method in entry.runs for seed in seeds]
 
 
 def run_sweep(params_file: str = "params.yaml", runner: str | None = None, address: str | None = None,

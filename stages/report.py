@@ -83,30 +83,76 @@ def testbed_section(doc: Document, metrics: dict) -> None:
 
 
 def headline_section(doc: Document, metrics: dict, config: Settings) -> None:
-    rows, spread_rows = [], []
+    rows = []
     for dataset, methods in metrics["datasets"].items():
         for method, m in methods.items():
             flag = " (too few orderings)" if m["too_few_orderings"] else ""
-            rows.append({"dataset": dataset, "method": method, "orderings": m["n_orderings"],
+            rows.append({"dataset": dataset, "method": method, "orderings": m["n_orderings"], "seeds": m["n_seeds"],
                          "mean %": pct(m["mean"]), "95% CI (t)": f"[{pct(m['ci95'][0])}, {pct(m['ci95'][1])}]" + flag,
-                         "SD %": pct(m["std"], 2), "worst ordering": (f"{m['worst_ordering']} ({pct(m['min'])})"
-                                                                      if m["worst_ordering"] else "all tie")})
-            q = m["cochran_q"]
-            spread_rows.append({"dataset": dataset, "method": method, "SD between orderings": pct(m["between_sd"], 2),
+                         "SD between orderings %": pct(m["std"], 2), "tail accuracy %": pct(m["tail_accuracy"]),
+                         "worst run": (f"{m['worst_cell']} ({pct(m['min'])})" if m["worst_cell"] else "all tie")})
+    doc.add("## Accuracy across orderings and seeds",
+            "Each order-dependent method ran every ordering under every augmentation seed (`sweep.view_seeds`); "
+            f"the mean is over that grid, with a {100 * config.report.confidence:.0f}% Student-t interval over the "
+            f"orderings (each averaged over seeds; n−1 degrees of freedom, flagged below "
+            f"{config.report.min_orderings} orderings). Tail accuracy: the mean of the worst 10% of the grid's "
+            "runs. Order-independent methods compute once per seed and are reordered, so their orderings tie.",
+            table(rows))
+
+
+def order_vs_chance_section(doc: Document, metrics: dict, config: Settings) -> None:
+    """The report's robustness question first: does the order matter more than a perturbation that is not one?"""
+    doc.add("## Does the order matter, beyond chance?",
+            "For a method whose state evolves chaotically, any perturbation changes which samples are right. So "
+            "an ordering's effect is weighed against a perturbation that is not an ordering: the augmentation "
+            "seed. Per stream, the SD of run accuracy due to the ordering, to the seed and to neither (their "
+            "interaction and noise), from a crossed random-effects model (REML; 95% intervals by parametric "
+            "bootstrap), and a permutation test of the ordering within seeds (Anderson & ter Braak 2003): "
+            "'order > chance' says the orderings' effect is consistent across seeds beyond the scatter; 'not "
+            "distinguishable from chance' says the order moves accuracy no more than any perturbation does.")
+    by_stream = {}
+    for row in metrics["variance_components"]:
+        by_stream.setdefault(row["dataset"], []).append(row)
+    for dataset, rows in by_stream.items():
+        n = rows[0]
+        doc.add(f"### {dataset} ({n['n_orderings']} orderings x {n['n_seeds']} seeds)", table([{
+            "method": r["method"], "SD(order) % [95% CI]": sd_cell(r["sd_order"], r["sd_order_ci"]),
+            "SD(seed) % [95% CI]": sd_cell(r["sd_seed"], r["sd_seed_ci"]),
+            "SD(residual) %": pct(r["sd_residual"], 2), "p (order within seeds)": p_cell(r["p_value"]),
+            "verdict": r["verdict"], "mean %": pct(r["mean"]), "tail accuracy %": pct(r["tail_accuracy"]),
+        } for r in rows]))
+    spread_rows = []
+    for dataset, methods in metrics["datasets"].items():
+        for method, m in methods.items():
+            q, qs = m["cochran_q"], m["cochran_q_seeds"]
+            spread_rows.append({"dataset": dataset, "method": method,
+                                "SD between orderings": pct(m["between_sd"], 2),
                                 "SE within a run": pct(m["within_se"], 2),
-                                "ratio": "–" if m["ratio"] is None else f"{m['ratio']:.2f}",
-                                "Cochran's Q": "–" if q["q"] is None else f"{q['q']:.1f} (df {q['df']})",
-                                "p": "–" if q["p_value"] is None else f"{q['p_value']:.3g}",
-                                "samples that change": q["discordant_samples"]})
-    doc.add("## Accuracy across orderings",
-            f"Mean accuracy over the orderings each method ran, with a {100 * config.report.confidence:.0f}% "
-            f"Student-t interval on n−1 degrees of freedom (flagged below {config.report.min_orderings} "
-            "orderings). Order-independent methods compute once and are reordered, so their spread is zero.",
-            table(rows), "## Does the order matter, beyond chance?",
-            "The spread the order causes (SD of accuracy between orderings) next to the spread sampling alone "
-            "causes (binomial SE of one run's accuracy), and Cochran's Q test on the same samples' correctness "
-            "across orderings (Cochran 1950): a small p says the order changes which samples are right.",
+                                "Cochran's Q, orderings at one seed": q_cell(q),
+                                "Cochran's Q, seeds at one ordering": q_cell(qs)})
+    doc.add(figure("order_vs_seed.png"),
+            "Per sample, as a reference: Cochran's Q (Cochran 1950) across the orderings at the params' own seed, "
+            "next to Cochran's Q across the seeds at one ordering. When both are tiny, the per-sample test cannot "
+            "tell the order from any perturbation: read the variance components above. The SD between orderings "
+            "(seed-averaged) stands next to the binomial SE of one run (sampling alone).",
             figure("order_vs_chance.png"), table(spread_rows))
+
+
+def sd_cell(value, interval) -> str:
+    low, high = interval or (None, None)
+    if value is None:
+        return "–"
+    return f"{pct(value, 2)} [{pct(low, 2)}, {pct(high, 2)}]"
+
+
+def p_cell(p) -> str:
+    return "–" if p is None else f"{p:.3g}"
+
+
+def q_cell(q: dict) -> str:
+    if q["q"] is None:
+        return "–"
+    return f"Q {q['q']:.1f} (df {q['df']}), p {q['p_value']:.3g}, {q['discordant_samples']} samples change"
 
 
 def differences_section(doc: Document, metrics: dict) -> None:
@@ -118,13 +164,15 @@ def differences_section(doc: Document, metrics: dict) -> None:
                 if d:
                     rows.append({"dataset": dataset, "method": method, "against": label,
                                  "Δ points": signed(d["mean_diff"]), "orderings": d["n_orderings"],
+                                 "runs": d["n_runs"],
                                  "95% CI over orderings (t)": interval(d["ci_orderings"]),
                                  "samples": d["n_samples"],
                                  "95% CI over samples (bootstrap)": interval(d["ci_samples"])})
     doc.add("## Against zero-shot and TPT",
-            "Accuracy difference in points, paired by sample within each ordering, averaged over orderings. Two "
-            "95% intervals: Student-t over the per-ordering differences (what another ordering would give), and "
-            "a percentile bootstrap over samples (what other samples would give).", table(rows))
+            "Accuracy difference in points, paired by sample within each run against the reference at the same "
+            "seed, averaged over the grid. Two 95% intervals: Student-t over the per-ordering differences (each "
+            "averaged over seeds: what another ordering would give), and a percentile bootstrap over samples (what "
+            "other samples would give).", table(rows))
 
 
 def figures_section(doc: Document) -> None:
@@ -151,14 +199,14 @@ def collapse_section(doc: Document, metrics: dict) -> None:
     rows, cyclic, wins = [], [], []
     for dataset, methods in metrics["datasets"].items():
         for method, m in methods.items():
-            for ordering, e in m["per_ordering"].items():
+            for cell, e in m["per_cell"].items():
                 if e["collapsed"]:
-                    rows.append({"run": f"{dataset}/{method}/{ordering}", "first block %": pct(e["first_block"]),
+                    rows.append({"run": f"{dataset}/{method}/{cell}", "first block %": pct(e["first_block"]),
                                  "last block %": pct(e["last_block"]),
                                  "zero-shot on its last block's samples %": pct(e["zero_shot_last_block"])})
                 if "cyclic_loss" in e:
                     c = e["cyclic_loss"]
-                    cyclic.append({"run": f"{dataset}/{method}/{ordering}",
+                    cyclic.append({"run": f"{dataset}/{method}/{cell}",
                                    "appended (domain returns)": c["appended_before_return"],
                                    "deleted before it returned": c["deleted_before_return"],
                                    "fraction": "–" if c["fraction"] is None else f"{c['fraction']:.2f}"})
@@ -176,18 +224,21 @@ def collapse_section(doc: Document, metrics: dict) -> None:
                 "before that domain's next block.", table(cyclic))
     doc.add("## Per-sample wins and losses against zero-shot",
             "Samples a method gets right and zero-shot wrong (wins) and the reverse, per stream, averaged over "
-            "orderings.", table(wins))
+            "the runs of its grid.", table(wins))
 
 
 def evidence_section(doc: Document, metrics: dict, config: Settings) -> None:
-    rows = [{"dataset": r["dataset"], "method": r["method"], "orderings": r["n_orderings"],
-             "half-width (points)": pct(r["half_width"], 2), "target met": "yes" if r["met"] else "no"}
-            for r in metrics["evidence"]]
+    rows = [{"dataset": r["dataset"], "method": r["method"], "orderings": r["n_orderings"], "seeds": r["n_seeds"],
+             "half-width of the mean (points)": pct(r["half_width"], 2),
+             "width of SD(order)'s interval (points)": pct(r["sd_order_ci_width"], 2),
+             "targets met": "yes" if r["met"] else "no"} for r in metrics["evidence"]]
+    schedule = config.sweep.schedule
     doc.add("## Evidence: how tight is each estimate?",
-            f"For each order-dependent method: the orderings its mean rests on (params and scheduled sweeps), the "
-            f"half-width of its 95% interval, and whether it is below the schedule's target "
-            f"(±{100 * config.sweep.schedule.target_half_width:g} points). Scheduled sweeps "
-            "(`python -m flows.sweep --add-orderings K`) add orderings until every target is met.",
+            f"For each order-dependent method: the orderings its mean rests on (params and scheduled sweeps, each "
+            f"under every seed), the half-width of its 95% interval, and the width of the interval of SD(order), "
+            f"against the schedule's targets (±{100 * schedule.target_half_width:g} points; "
+            f"{100 * schedule.target_sd_order_width:g} points). Scheduled sweeps "
+            "(`python -m flows.sweep --add-orderings K`) add (ordering, seed) cells until every target is met.",
             figure("evidence.png"), table(rows))
 
 
@@ -211,6 +262,8 @@ def draw(results: Results, metrics: dict, config: Settings, reports_dir: Path) -
                "p_value": v["cochran_q"]["p_value"]}
               for d, ms in metrics["datasets"].items() for m, v in ms.items() if not v["order_independent"]]
     figures.order_vs_chance(spread, out / "order_vs_chance.png", dpi)
+    figures.order_vs_seed([r for r in metrics["variance_components"] if r["sd_order"] is not None],
+                          out / "order_vs_seed.png", dpi)
     figures.buffer_dynamics(buffer_panels(results, main, config.report.max_panels), out / "buffer_dynamics.png", dpi)
     calibration = metrics.get("calibration") or {"rows": [], "reference": "zero_shot", "v0_context_rms": None}
     figures.calibration_curve(calibration["rows"], calibration["reference"], calibration["v0_context_rms"],
@@ -218,7 +271,7 @@ def draw(results: Results, metrics: dict, config: Settings, reports_dir: Path) -
     figures.buffer_size_curve(metrics["buffer_size"], out / "ablation_buffer_size.png", dpi)
     figures.margins_heatmap(metrics["margins"], out / "ablation_margins.png", dpi)
     figures.evidence_growth(metrics["evidence"], config.sweep.schedule.target_half_width, out / "evidence.png", dpi)
-    block_rows = [{"dataset": r.dataset, "method": r.method, "ordering": r.ordering,
+    block_rows = [{"dataset": r.dataset, "method": r.method, "ordering": r.ordering, "view_seed": r.view_seed,
                    "samples_seen": (k + 1) * int(r.block_size), "accuracy": a}
                   for r in main.itertuples(index=False) for k, a in enumerate(r.block_accuracy)]
     pd.DataFrame(block_rows).to_csv(plots / "accuracy_per_block.csv", index=False)
@@ -232,14 +285,14 @@ def draw(results: Results, metrics: dict, config: Settings, reports_dir: Path) -
 def buffer_panels(results: Results, main: pd.DataFrame, limit: int) -> list[dict]:
     """Runs with a memory for the buffer figure: cyclic ones first, then one ordering per dataset and method."""
     has_memory = [r for r in main.itertuples(index=False)
-                  if results.records_of(r.dataset, r.method, r.ordering)["appended"].map(len).any()]
+                  if results.records_of(r.dataset, r.method, r.cell)["appended"].map(len).any()]
     ordered = [r for r in has_memory if r.ordering_kind == "cyclic"]
     seen = {(r.dataset, r.method) for r in ordered}
     for r in has_memory:
         if (r.dataset, r.method) not in seen:
             ordered.append(r)
             seen.add((r.dataset, r.method))
-    return [{"title": r.run, "records": results.records_of(r.dataset, r.method, r.ordering),
+    return [{"title": r.run, "records": results.records_of(r.dataset, r.method, r.cell),
              "unit": "prompts in buffer" if r.method_kind == "dynaprompt" else "entries in memory"}
             for r in ordered[:limit]]
 
@@ -254,7 +307,7 @@ def build_report(config: Settings) -> dict:
     """
     layout = ResultsLayout(config.path("results"))
     reports_dir = config.path("reports")
-    results = load_results(layout)
+    results = load_results(layout, config)
     validation = validate_results(results, layout)
     target = config.path("validation") / "results.json"
     write_json(target, validation)  # first: the report of what is wrong must survive the failure
@@ -268,6 +321,7 @@ def build_report(config: Settings) -> dict:
     setup_section(doc, results, config, metrics)
     testbed_section(doc, metrics)
     headline_section(doc, metrics, config)
+    order_vs_chance_section(doc, metrics, config)
     differences_section(doc, metrics)
     figures_section(doc)
     ablation_section(doc, metrics, config)

@@ -2,9 +2,10 @@
 
 On a node with G visible GPUs and `model.device` auto or cuda, `runner: process` starts G x
 `sweep.workers_per_gpu` worker processes; each claims the next slot of a shared counter when it starts and
-binds CUDA to its one GPU (`dynaprompt.devices.pin_process_to`), so `cuda` in that process is its own device. `runner: dask` without an address starts dask-cuda's `LocalCUDACluster` (one worker per GPU, each
-pinned by dask-cuda itself, `workers_per_gpu` threads each); across nodes, `dask cuda worker` does the same per
-node. GPUs are counted and named the way dask-cuda counts them (`dask_cuda.utils`), so a node's
+binds CUDA to its one GPU (`dynaprompt.devices.pin_process_to`), so `cuda` in that process is its own device.
+`runner: dask` without an address starts dask-cuda's `LocalCUDACluster` (one worker per GPU, each pinned by
+dask-cuda itself, `workers_per_gpu` threads each); across nodes, `dask cuda worker` does the same per node.
+GPUs are counted and named the way dask-cuda counts them (`dask_cuda.utils`), so a node's
 `CUDA_VISIBLE_DEVICES` (GPU indices or UUIDs) is honoured.
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ from prefect import task
 from dynaprompt.config import load_settings
 from dynaprompt.model import load_clip
 from dynaprompt.registry import OrderingRegistry, with_registered
-from dynaprompt.results import ResultsLayout, RunKey
 from dynaprompt.resolve import resolve
+from dynaprompt.results import ResultsLayout, RunKey
 from dynaprompt.runner import RunFailed, store_run
 
 
@@ -40,12 +40,14 @@ def retry_unless_deterministic(task, task_run, state) -> bool:
 
 
 @task(retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_deterministic,
-      task_run_name="{dataset}/{method}/{ordering}")
-def run_task(params_file: str, dataset: str, method: str, ordering: str) -> dict:
-    """One run of the sweep; returns its summary and whether it was reused from an earlier sweep."""
+      task_run_name="{dataset}/{method}/{cell}")
+def run_task(params_file: str, dataset: str, method: str, cell: str) -> dict:
+    """One run of the sweep (`cell`: its ordering, ~seed<k> under another view seed); returns its summary and
+    whether it was reused from an earlier sweep."""
     settings, clip = run_settings(params_file), shared_clip(params_file)
     layout = ResultsLayout(settings.path("results"))
-    summary, reused = store_run(resolve(settings, RunKey(dataset, method, ordering), clip.weights), clip, layout)
+    summary, reused = store_run(resolve(settings, RunKey.from_cell(dataset, method, cell), clip.weights), clip,
+                                layout)
     return {"summary": asdict(summary), "reused": reused, "records": str(layout.records(summary.key))}
 
 

@@ -91,20 +91,22 @@ class SweepTracker:
         """A child run for a computed result; None (nothing logged) when its fingerprint is already in the store."""
         if summary["fingerprint"] in self.logged:
             return None
-        name = f"{summary['dataset']}/{summary['method']}/{summary['ordering']}"
+        cell = summary["ordering"] if summary.get("seed") is None else f"{summary['ordering']}~seed{summary['seed']}"
+        name = f"{summary['dataset']}/{summary['method']}/{cell}"
         device = summary.get("device_info") or {}
         tags = {**self.common_tags, "mlflow.parentRunId": self.parent_id, "run_key": name, "kind": "run",
                 "device": summary.get("device", "cpu"), "device.name": str(device.get("name", "")),
                 "device.cuda": str(device.get("cuda", "")), "device.driver": str(device.get("driver", "")),
                 "fingerprint": summary["fingerprint"], "dataset": summary["dataset"], "method": summary["method"],
                 "ordering": summary["ordering"], "order_independent": str(summary["order_independent"]).lower(),
+                "view_seed": str(summary.get("view_seed", "")), "cell": cell,
                 "mlflow.note.content": f"{summary['method']} ({summary['method_kind']}) on {summary['dataset']}, "
                                        f"ordering {summary['ordering']} ({summary['ordering_kind']})"}
         start_ms = int(summary["started_at"] * 1000)
         run_id = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms,
                                         tags=tags).info.run_id
         params = {k: summary[k] for k in ("dataset", "method", "method_kind", "ordering", "ordering_kind",
-                                          "weights", "device")}
+                                          "weights", "device", "view_seed")}
         params.update(summary["settings"])
         end_ms = int(summary["ended_at"] * 1000)
         metrics = [Metric(k, float(summary[k]), end_ms, 0)

@@ -37,12 +37,13 @@ def params(root) -> dict:
         "methods": {"zero_shot": {"kind": "zero_shot"}, "tpt": {"kind": "tpt"}, "online_tpt": {"kind": "online_tpt"},
                     "dynaprompt": {"kind": "dynaprompt", "buffer_size": BUFFER}},
         "orderings": ORDERINGS,
-        "sweep": {"datasets": ["noise", "blur", "mix"]},
+        "sweep": {"datasets": ["noise", "blur", "mix"], "view_seeds": [0, 1, 2]},
         "calibration": {"dataset": "calib", "ordering": "shuffle-0", "methods": ["tpt"], "lrs": [1e-3, 1e-2]},
         "ablations": {"dataset": "mix", "orderings": ["cyclic-0", "cyclic-1", "cyclic-2"], "base": "dynaprompt",
                       "criteria": ["entropy_only"], "no_append": True, "buffer_sizes": [1, 8],
                       "entropy_margins": [0.0, 0.1], "probdiff_margins": [0.0, 0.1]},
-        "report": {"collapse_margin": 0.1, "bootstrap_samples": 300, "confidence": 0.95, "seed": 0},
+        "report": {"collapse_margin": 0.1, "bootstrap_samples": 300, "confidence": 0.95, "seed": 0,
+                   "variance_bootstrap": 20, "workers": 1},
     }
 
 
@@ -79,15 +80,16 @@ def stable_hash(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode())
 
 
-def correctness(dataset: str, method: str, ordering: str, stream: list) -> np.ndarray:
-    """Per-sample answers: zero-shot and TPT fixed per sample, Online TPT collapsing, DynaPrompt a bit better."""
+def correctness(dataset: str, method: str, ordering: str, stream: list, seed: int = 0) -> np.ndarray:
+    """Per-sample answers: zero-shot fixed per sample, TPT fixed per sample and seed, Online TPT collapsing,
+    DynaPrompt a bit better (the order-dependent ones drawn per ordering and seed)."""
     base = {sid: (stable_hash(dataset, sid) % 10) < 6 for sid in stream}
     fixed = np.array([base[s] for s in stream])
-    rng = np.random.default_rng(stable_hash(dataset, method, ordering))
+    rng = np.random.default_rng(stable_hash(dataset, method, ordering, str(seed)))
     if method == "zero_shot":
         return fixed
     if method.startswith("tpt"):
-        return np.array([base[s] ^ ((stable_hash(s) % 20) == 0) for s in stream])
+        return np.array([base[s] ^ ((stable_hash(s, str(seed)) % 20) == 0) for s in stream])
     if method == "online_tpt":
         return np.where(np.arange(len(stream)) < BLOCK, fixed, rng.random(len(stream)) < 0.1)
     return fixed | (rng.random(len(stream)) < 0.1)
@@ -105,7 +107,7 @@ def write_results(root, drop=()) -> ResultsLayout:
         frame = manifest(key.dataset)
         stream = order_samples(frame, settings.ordering(key.ordering))
         labels = frame.set_index("sample_id").loc[stream, "label"].to_numpy()
-        correct = correctness(key.dataset, key.method, key.ordering, stream)
+        correct = correctness(key.dataset, key.method, key.ordering, stream, key.seed or 0)
         spec = settings.method(key.method)
         buffer = buffer_columns(len(stream), np.random.default_rng(len(key.label))) if spec.kind == "dynaprompt" \
             else {"selected": [[]] * len(stream), "appended": [[]] * len(stream), "deleted": [[]] * len(stream),
@@ -121,7 +123,7 @@ def write_results(root, drop=()) -> ResultsLayout:
         summary = RunSummary(dataset=key.dataset, method=key.method, method_kind=spec.kind, ordering=key.ordering,
                              ordering_kind=settings.ordering(key.ordering).kind,
                              order_independent=spec.order_independent, **summarize(records, BLOCK),
-                             fingerprint="f", started_at=1.0, ended_at=2.0)
+                             fingerprint="f", started_at=1.0, ended_at=2.0, seed=key.seed, view_seed=key.seed or 0)
         layout.write_run(key, records, summary)
     return layout
 
@@ -147,16 +149,23 @@ def test_metrics_equal_pandas_and_t_intervals(built):
             continue
         entry = metrics["datasets"][dataset][method]
         assert entry["mean"] == pytest.approx(group["accuracy"].mean())
-        assert entry["n_orderings"] == len(group)
+        assert entry["n_orderings"] == group["ordering"].nunique() and entry["n_seeds"] == 3
+        assert entry["n_cells"] == len(group) == entry["n_orderings"] * 3
+        per_ordering = group.groupby("ordering")["accuracy"].mean()
+        assert entry["std"] == pytest.approx(per_ordering.std())  # between orderings, seeds averaged
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1] or entry["std"] == 0
-        assert entry["too_few_orderings"] == (len(group) < 3)
+        assert entry["too_few_orderings"] == (entry["n_orderings"] < 3)
+        worst = sorted(group["accuracy"])[: max(1, -(-len(group) // 10))]
+        assert entry["tail_accuracy"] == pytest.approx(np.mean(worst))
 
 
-def test_order_independent_methods_have_no_spread_and_no_worst_ordering(built):
+def test_order_independent_methods_have_no_spread_between_orderings(built):
     _, _, _, metrics = built
-    tpt = metrics["datasets"]["noise"]["tpt"]
-    assert tpt["std"] == 0 and tpt["worst_ordering"] is None
+    tpt, zero_shot = metrics["datasets"]["noise"]["tpt"], metrics["datasets"]["noise"]["zero_shot"]
+    assert tpt["std"] == 0 and zero_shot["worst_cell"] is None  # zero-shot: one answer per sample, whatever runs
     assert tpt["cochran_q"]["q"] == 0.0 and tpt["cochran_q"]["p_value"] == 1.0
+    assert tpt["cochran_q_seeds"]["discordant_samples"] > 0  # TPT's views change with the seed
+    assert tpt["worst_cell"] is not None and tpt["min"] < tpt["max"]  # its seeds differ, its orderings do not
 
 
 def test_order_dependent_method_has_a_cochran_test_and_two_intervals(built):
@@ -166,6 +175,7 @@ def test_order_dependent_method_has_a_cochran_test_and_two_intervals(built):
     assert 0 <= online["cochran_q"]["p_value"] <= 1
     diff = online["vs_zero_shot"]
     assert diff["reference"] == "zero_shot" and diff["n_samples"] == N and diff["n_orderings"] == 4
+    assert diff["n_runs"] == 12
     assert diff["ci_samples"][0] <= diff["mean_diff"] <= diff["ci_samples"][1]
     assert diff["ci_orderings"][0] <= diff["mean_diff"] <= diff["ci_orderings"][1]
     assert online["between_sd"] is not None and online["within_se"] > 0
@@ -206,6 +216,21 @@ def test_evidence_rows_for_order_dependent_methods(built):
     assert row["met"] == (row["half_width"] <= settings.sweep.schedule.target_half_width)
 
 
+def test_variance_components_for_every_stream_and_method(built):
+    _, _, _, metrics = built
+    rows = {(r["dataset"], r["method"]): r for r in metrics["variance_components"]}
+    assert set(rows) == {(d, m) for d, ms in metrics["datasets"].items() for m in ms}
+    online, tpt = rows[("noise", "online_tpt")], rows[("noise", "tpt")]
+    for key in ("sd_order", "sd_order_ci", "sd_seed", "sd_seed_ci", "sd_residual", "n_orderings", "n_seeds", "test",
+                "p_value", "verdict", "tail_accuracy"):
+        assert key in online
+    assert online["n_orderings"] == 4 and online["n_seeds"] == 3
+    assert online["sd_order_ci"][0] <= online["sd_order"] <= online["sd_order_ci"][1]
+    assert online["verdict"] in ("order > chance", "not distinguishable from chance")
+    assert tpt["verdict"] == "order-independent" and tpt["sd_order"] == 0 and tpt["sd_seed"] > 0
+    assert rows[("mix", "online_tpt")]["n_orderings"] == 3
+
+
 def test_cyclic_prompt_loss_by_hand():
     # domains A A B B A A B B; id 0 is appended at 0, its slot reset and refilled at 1 (official rule)
     records = pd.DataFrame({"position": range(8), "domain": list("AABBAABB"),
@@ -236,7 +261,8 @@ def test_report_is_self_contained_and_alt_texts_describe(built):
     assert "<script" not in page and 'src="http' not in page and 'href="http' not in page
     assert 'alt="figures/' not in page and 'alt="Accuracy per block' in page
     text = (root / "reports" / "report.md").read_text()
-    for section in ("Does the order matter", "Against zero-shot and TPT", "Ablations of DynaPrompt",
+    for section in ("Does the order matter", "SD(order) % [95% CI]", "Anderson & ter Braak", "tail accuracy",
+                    "Against zero-shot and TPT", "Ablations of DynaPrompt",
                     "Calibrating the learning rate", "The statistics", "Cochran", "Evidence"):
         assert section in text, section
     assert "noise/online_tpt/shuffle-0" in text and "all tie" in text

@@ -69,7 +69,7 @@ def test_two_scheduled_runs_add_2k_distinct_orderings_and_log_each_result_once(p
     # the report reads the registry: the accumulated orderings are covered
     from stages.reporting.results import load_results
 
-    loaded = load_results(ResultsLayout(tmp_path / "results"))
+    loaded = load_results(ResultsLayout(tmp_path / "results"), settings)
     assert set(names) <= set(loaded.runs["ordering"])
 
 
@@ -130,3 +130,24 @@ def test_next_seed_is_above_every_seed_in_use(tmp_path, image_root):
     assert entry.seed == 8 and entry.name == "shuffle-8" and entry.status == "pending"
     assert reg.draw(settings, "shuffle", [["toy-a", "online_tpt"]], "s1").seed == 9
     assert reg.draw(settings, "cyclic", [["toy-mix", "online_tpt"]], "s1", {"block": 2}).name == "cyclic-1"
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_adds_cells_under_every_seed_of_the_grid(prefect_server, image_root, tmp_path):
+    """With sweep.view_seeds, a new ordering runs under each seed; the registry records the seeds."""
+    from flows.sweep import run_sweep
+
+    params = sweep_params(image_root, tmp_path, datasets=["toy-a"], methods=["zero_shot", "online_tpt"],
+                          view_seeds=[0, 3], schedule={"name": "nightly", "cron": "15 2 * * *", "add_orderings": 1,
+                                                       "target_half_width": 0.0001, "max_orderings": 10,
+                                                       "variance_bootstrap": 5})
+    run_sweep(str(params))
+    layout = ResultsLayout(tmp_path / "results")
+    base = {(s.method, s.ordering, s.view_seed) for s in layout.summaries()}
+    assert {seed for _, _, seed in base} == {0, 3}  # the fixed plan is crossed with the seeds
+    added = run_sweep(str(params), add_orderings=1)["added"]
+    entries = registry(tmp_path)
+    assert [e.name for e in entries] == added and all(e.seeds == [0, 3] for e in entries)
+    cells = {(s.method, s.ordering, s.view_seed) for s in layout.summaries()} - base
+    assert cells == {("online_tpt", name, seed) for name in added for seed in (0, 3)}
+    assert all((layout.root / "runs" / "toy-a" / "online_tpt" / f"{name}~seed3.parquet").is_file() for name in added)

@@ -15,6 +15,9 @@ FIGURES = {  # file -> what the figure shows (its alt text and caption)
                                      "dots single orderings.",
     "order_vs_chance.png": "The spread of accuracy the order causes (SD between orderings) next to the spread "
                            "drawing other samples would cause (binomial SE within a run).",
+    "order_vs_seed.png": "Per method and stream: SD of accuracy due to the ordering against SD due to the "
+                         "augmentation seed (95% intervals); above the diagonal, the order moves accuracy more than "
+                         "the seed does.",
     "buffer_dynamics.png": "Memory over the stream: size and cumulative appends and deletions (left), entries "
                            "selected at each position (middle), selections per entry (right); shaded spans "
                            "are the domains of cyclic streams.",

@@ -12,19 +12,36 @@ from dynaprompt.specs import Settings
 from .results import Results
 
 DEFINITIONS = {
-    "mean": "mean accuracy over the orderings a method ran (each ordering: the same samples, another order)",
-    "ci95": "Student-t interval of that mean on n_orderings - 1 degrees of freedom; flagged too_few_orderings "
-            "below report.min_orderings",
-    "between_sd": "sample standard deviation (ddof=1) of accuracy across orderings: what the order changes",
+    "grid": "each order-dependent method runs every ordering under every augmentation seed (views.view_seed: "
+            "the random crops, flips and AugMix of every sample's views); a cell is one (ordering, seed) run. "
+            "Order-independent methods run once per seed and are reordered, so their orderings cannot differ",
+    "mean": "mean accuracy over the cells of the grid (balanced: the mean of the per-ordering means)",
+    "ci95": "Student-t interval of that mean over the per-ordering accuracies averaged over seeds, on "
+            "n_orderings - 1 degrees of freedom; flagged too_few_orderings below report.min_orderings",
+    "std": "sample standard deviation (ddof=1) of the per-ordering accuracies averaged over seeds",
+    "between_sd": "the same SD across orderings: what the order changes, the augmentation noise averaged out",
     "within_se": "binomial standard error sqrt(p(1-p)/n) of one run's accuracy over its n samples, averaged "
-                 "over the orderings: what drawing other samples would change",
+                 "over the cells: what drawing other samples would change",
     "cochran_q": "Cochran's Q test (Cochran 1950, Biometrika 37:256) on the samples x orderings matrix of "
-                 "per-sample correctness: does the probability of a correct answer depend on the ordering? "
-                 "n = samples, df = orderings - 1",
-    "vs_reference": "accuracy minus the reference's (zero-shot or TPT), paired by sample within each ordering "
-                    "and averaged over orderings; ci_orderings: Student-t over the per-ordering differences "
-                    "(n = orderings); ci_samples: percentile bootstrap over samples of the per-sample mean "
-                    "difference (n = samples, resampled with replacement, paired across orderings)",
+                 "per-sample correctness at the params' own view seed: does the probability of a correct answer "
+                 "depend on the ordering? n = samples, df = orderings - 1",
+    "cochran_q_seeds": "Cochran's Q on the samples x seeds matrix at one fixed ordering (the method's first): the "
+                       "same question for a perturbation that is not an ordering, as a reference",
+    "variance_components": "run accuracy y[o, s] = mu + a_o + b_s + e_os with a ~ N(0, sd_order^2), b ~ N(0, "
+                           "sd_seed^2), e ~ N(0, sd_residual^2), crossed random effects fitted by REML "
+                           "(statsmodels MixedLM, one group, a variance component per factor); 95% intervals: "
+                           "percentile parametric bootstrap (report.variance_bootstrap refits of grids drawn from "
+                           "the fit); n = orderings x seeds cells",
+    "order_test": "permutation F test of ordering within seeds (Anderson & ter Braak 2003, J. Stat. Comput. Simul. "
+                  "73:85): each seed's column of accuracies permuted across orderings, F = MS(ordering) / "
+                  "MS(residual) of the two-way ANOVA; 'order > chance' when p < 1 - confidence, i.e. the "
+                  "orderings' effect is consistent across seeds beyond the ordering-by-seed scatter",
+    "tail_accuracy": "expected tail accuracy: the mean accuracy of the worst 10% of the grid's runs (at least "
+                     "one), as OGA (cfuchs2023/OGA) reports it: what a user should expect in a bad case",
+    "vs_reference": "accuracy minus the reference's (zero-shot or TPT) at the same seed, paired by sample within "
+                    "each cell, averaged over the grid; ci_orderings: Student-t over the per-ordering differences "
+                    "(averaged over seeds; n = orderings); ci_samples: percentile bootstrap over samples of the "
+                    "per-sample mean difference (n = samples, resampled with replacement, paired across cells)",
     "collapse": "an order-dependent run collapses when its last block falls more than collapse_margin below "
                 "zero-shot on the same samples, or below its own first block (both measured against zero-shot on "
                 "the block's samples; not on class-blocked orderings, whose blocks hold different classes); "
@@ -32,56 +49,78 @@ DEFINITIONS = {
 }
 
 
-def correct_matrix(results: Results, dataset: str, method: str, orderings: list) -> tuple[np.ndarray, list]:
-    """[samples, orderings] of per-sample correctness, rows matched by sample_id (sorted)."""
+def correct_matrix(results: Results, dataset: str, method: str, cells: list) -> tuple[np.ndarray, list]:
+    """[samples, cells] of per-sample correctness, rows matched by sample_id (sorted)."""
     columns = []
-    for ordering in orderings:
-        records = results.records_of(dataset, method, ordering)
+    for cell in cells:
+        records = results.records_of(dataset, method, cell)
         columns.append(records.set_index("sample_id")["correct"].sort_index())
     frame = pd.concat(columns, axis=1, join="inner")
     return frame.to_numpy(dtype=float), list(frame.index)
 
 
-def reference_correct(results: Results, dataset: str, reference: str, sample_ids: list, orderings: list):
-    """The reference's per-sample correctness on the same samples ([samples] or [samples, orderings])."""
+def reference_correct(results: Results, dataset: str, reference: str, sample_ids: list, seeds: list):
+    """The reference's per-sample correctness on the same samples, one column per cell's seed ([samples, cells]).
+
+    The reference is order-independent (zero-shot, TPT): any of its orderings at a seed gives the same answers;
+    where it did not run at a cell's seed, its run at the params' own seed stands in (zero-shot reads the original
+    view only, which no seed changes)."""
     runs = results.runs
-    have = list(runs.loc[(runs["dataset"] == dataset) & (runs["method"] == reference), "ordering"])
-    if not have:
+    mine = runs[(runs["dataset"] == dataset) & (runs["method"] == reference)]
+    if mine.empty or not bool(mine["order_independent"].all()):
         return None
-    shared = [o for o in orderings if o in have]
-    if len(shared) == len(orderings):
-        matrix, ids = correct_matrix(results, dataset, reference, orderings)
-        return pd.DataFrame(matrix, index=ids).loc[sample_ids].to_numpy()
-    records = results.records_of(dataset, reference, have[0]).set_index("sample_id")["correct"]
-    is_fixed = bool(runs.loc[(runs["dataset"] == dataset) & (runs["method"] == reference), "order_independent"].all())
-    return records.loc[sample_ids].to_numpy(dtype=float) if is_fixed else None
+    by_seed = {int(seed): rows["cell"].iloc[0] for seed, rows in mine.groupby("view_seed")}
+    fallback = mine["cell"].iloc[0]
+    columns = []
+    for seed in seeds:
+        records = results.records_of(dataset, reference, by_seed.get(int(seed), fallback)).set_index("sample_id")
+        columns.append(records.loc[sample_ids, "correct"].to_numpy(dtype=float))
+    return np.stack(columns, axis=1)
+
+
+def grid_rows(rows: pd.DataFrame, results: Results) -> pd.DataFrame:
+    """A method's runs in plan order: orderings as the plan lists them, seeds ascending within each."""
+    orderings = results.order("ordering", rows)
+    rows = rows.assign(_o=rows["ordering"].map({o: i for i, o in enumerate(orderings)}))
+    return rows.sort_values(["_o", "view_seed"]).drop(columns="_o")
 
 
 def method_summary(results: Results, settings: Settings, dataset: str, method: str, rows: pd.DataFrame) -> dict:
-    """The order-sensitivity numbers of one method on one dataset."""
+    """The order-sensitivity numbers of one method on one dataset, over its ordering x seed grid."""
     config = settings.report
-    orderings = results.order("ordering", rows)
-    rows = rows.set_index("ordering").loc[orderings]
-    accuracy = rows["accuracy"].astype(float)
-    interval = st.t_interval(accuracy, config.confidence)
-    correct, sample_ids = correct_matrix(results, dataset, method, orderings)
-    worst = accuracy.idxmin() if accuracy.nunique() > 1 else None  # no worst ordering when all tie
+    rows = grid_rows(rows, results)
+    cells, accuracy = list(rows["cell"]), rows["accuracy"].astype(float).to_numpy()
+    by_ordering = rows.groupby("ordering", sort=False)["accuracy"].mean()
+    orderings, seeds = list(by_ordering.index), sorted(set(rows["view_seed"].astype(int)))
+    interval = st.t_interval(by_ordering.to_numpy(), config.confidence)
+    correct, sample_ids = correct_matrix(results, dataset, method, cells)
+    base = int(settings.views.view_seed)
+    at_base = [i for i, s in enumerate(rows["view_seed"]) if int(s) == base] or list(range(len(cells)))
+    first = rows["ordering"].iloc[0]
+    at_first = [i for i, o in enumerate(rows["ordering"]) if o == first]
+    worst = cells[int(np.argmin(accuracy))] if len(set(accuracy)) > 1 else None  # no worst cell when all tie
+    order_independent = bool(rows["order_independent"].all())
     out = {
-        "method_kind": str(rows["method_kind"].iloc[0]), "order_independent": bool(rows["order_independent"].all()),
-        "n_orderings": len(orderings), "orderings": orderings, "n_samples": int(rows["n"].iloc[0]),
-        "mean": interval["mean"], "ci95": [interval["low"], interval["high"]], "half_width": interval["half_width"],
-        "too_few_orderings": len(orderings) < config.min_orderings,
-        "std": float(accuracy.std()) if len(accuracy) > 1 else None, "min": float(accuracy.min()),
-        "max": float(accuracy.max()), "worst_ordering": worst,
-        **st.order_spread(accuracy, rows["n"]), "cochran_q": st.cochran_q(correct),
-        "per_ordering": {o: {"accuracy": float(a), "ordering_kind": str(k)}
-                         for o, a, k in zip(orderings, accuracy, rows["ordering_kind"])},
+        "method_kind": str(rows["method_kind"].iloc[0]), "order_independent": order_independent,
+        "n_orderings": len(orderings), "orderings": orderings, "n_seeds": len(seeds), "seeds": seeds,
+        "n_cells": len(cells), "n_samples": int(rows["n"].iloc[0]),
+        "mean": float(accuracy.mean()), "ci95": [interval["low"], interval["high"]],
+        "half_width": interval["half_width"], "too_few_orderings": len(orderings) < config.min_orderings,
+        "std": float(by_ordering.std()) if len(orderings) > 1 else None, "min": float(accuracy.min()),
+        "max": float(accuracy.max()), "worst_cell": worst, "tail_accuracy": st.tail_accuracy(accuracy),
+        **st.order_spread(by_ordering.to_numpy(), [int(rows["n"].iloc[0])] * len(orderings)),
+        "cochran_q": st.cochran_q(correct[:, at_base]), "cochran_q_seeds": st.cochran_q(correct[:, at_first]),
+        "per_cell": {c: {"accuracy": float(a), "ordering": str(o), "view_seed": int(s), "ordering_kind": str(k)}
+                     for c, a, o, s, k in zip(cells, accuracy, rows["ordering"], rows["view_seed"],
+                                              rows["ordering_kind"])},
     }
+    groups = list(rows["ordering"])
     for name, reference in (("vs_zero_shot", "zero_shot"), ("vs_tpt", "tpt")):
         ref = reference_method(results, dataset, reference)
-        matrix = None if ref in (None, method) else reference_correct(results, dataset, ref, sample_ids, orderings)
+        matrix = None if ref in (None, method) else reference_correct(results, dataset, ref, sample_ids,
+                                                                     list(rows["view_seed"]))
         out[name] = None if matrix is None else {"reference": ref, **st.paired_difference(
-            correct, matrix, config.confidence, config.bootstrap_samples, config.seed)}
+            correct, matrix, config.confidence, config.bootstrap_samples, config.seed, groups=groups)}
     return out
 
 
@@ -98,7 +137,7 @@ def block_zero_shot(results: Results, dataset: str, records: pd.DataFrame, block
     if zs is None:
         return None
     first = results.runs[(results.runs["dataset"] == dataset) & (results.runs["method"] == zs)].iloc[0]
-    truth = results.records_of(dataset, zs, first.ordering).set_index("sample_id")["correct"]
+    truth = results.records_of(dataset, zs, first.cell).set_index("sample_id")["correct"]
     matched = truth.loc[records["sample_id"]].to_numpy(dtype=float)
     return [float(matched[i:i + block_size].mean()) for i in range(0, len(matched), block_size)]
 
@@ -110,7 +149,7 @@ def collapse_check(results: Results, row, margin: float) -> dict:
     class-blocked ordering the first and last blocks hold different classes, so only zero-shot on the same
     samples is a fair reference there.
     """
-    records = results.records_of(row.dataset, row.method, row.ordering)
+    records = results.records_of(row.dataset, row.method, row.cell)
     blocks = list(row.block_accuracy)
     zs = block_zero_shot(results, row.dataset, records, int(row.block_size)) or [math.nan] * len(blocks)
     gain_first, gain_last = blocks[0] - zs[0], blocks[-1] - zs[-1]
@@ -128,8 +167,8 @@ def wins_losses(results: Results, row) -> tuple[int, int] | None:
     if zs is None or zs == row.method:
         return None
     first = results.runs[(results.runs["dataset"] == row.dataset) & (results.runs["method"] == zs)].iloc[0]
-    truth = results.records_of(row.dataset, zs, first.ordering).set_index("sample_id")["correct"]
-    mine = results.records_of(row.dataset, row.method, row.ordering).set_index("sample_id")["correct"]
+    truth = results.records_of(row.dataset, zs, first.cell).set_index("sample_id")["correct"]
+    mine = results.records_of(row.dataset, row.method, row.cell).set_index("sample_id")["correct"]
     truth = truth.loc[mine.index]
     return int((mine & ~truth).sum()), int((~mine & truth).sum())
 
@@ -177,17 +216,17 @@ def dataset_metrics(results: Results, settings: Settings, runs: pd.DataFrame) ->
             rows = here[here["method"] == method]
             summary = method_summary(results, settings, dataset, method, rows)
             for row in rows.itertuples(index=False):
-                entry = summary["per_ordering"][row.ordering]
+                entry = summary["per_cell"][row.cell]
                 entry.update(collapse_check(results, row, margin))
                 counts = wins_losses(results, row)
                 if counts is not None:
                     entry["wins_vs_zero_shot"], entry["losses_vs_zero_shot"] = counts
-                records = results.records_of(dataset, method, row.ordering)
+                records = results.records_of(dataset, method, row.cell)
                 if row.ordering_kind == "cyclic" and "domain" in records.columns and records["appended"].map(len).any():
                     entry["cyclic_loss"] = cyclic_prompt_loss(records)
-            per = summary["per_ordering"].values()
+            per = summary["per_cell"].values()
             summary["collapsed"] = any(e["collapsed"] for e in per)
-            summary["collapsed_orderings"] = [o for o, e in summary["per_ordering"].items() if e["collapsed"]]
+            summary["collapsed_cells"] = [c for c, e in summary["per_cell"].items() if e["collapsed"]]
             if all("wins_vs_zero_shot" in e for e in per):
                 summary["wins_vs_zero_shot"] = float(np.mean([e["wins_vs_zero_shot"] for e in per]))
                 summary["losses_vs_zero_shot"] = float(np.mean([e["losses_vs_zero_shot"] for e in per]))
@@ -203,7 +242,9 @@ def ablation_rows(results: Results, settings: Settings) -> dict:
     runs = results.group("ablation")
     runs = pd.concat([runs, results.runs[(results.runs["dataset"] == config.dataset)
                                          & results.runs["method"].isin([config.base, *config.references])
-                                         & results.runs["ordering"].isin(config.orderings)]]).drop_duplicates("run")
+                                         & results.runs["ordering"].isin(config.orderings)
+                                         & (results.runs["view_seed"] == settings.views.view_seed)]]
+                     ).drop_duplicates("run")
     base = settings.method(config.base)
     table, sizes, margins = [], [], []
     for method in results.order("method", runs):
@@ -261,20 +302,59 @@ def calibration_metrics(results: Results, settings: Settings, testbed: dict) -> 
             "v0_context_rms": rms, "lr_over_rms": None if not rms else settings.tuning.lr / rms}
 
 
-def evidence_rows(results: Results, settings: Settings, metrics: dict) -> list[dict]:
-    """Per order-dependent (dataset, method): orderings so far, the interval's half-width, the schedule's target."""
+def evidence_rows(results: Results, settings: Settings, metrics: dict, components: dict) -> list[dict]:
+    """Per order-dependent (dataset, method): orderings so far, the half-width of the mean's interval and the width
+    of SD(order)'s interval against the schedule's targets."""
     target = settings.sweep.schedule.target_half_width
+    order_target = settings.sweep.schedule.target_sd_order_width
     rows = []
     for dataset, methods in metrics.items():
         for method, m in methods.items():
             if m["order_independent"]:
                 continue
-            by_count = st.half_width_by_count([m["per_ordering"][o]["accuracy"] for o in m["orderings"]],
+            by_ordering = {}
+            for entry in m["per_cell"].values():  # the per-ordering accuracies, averaged over seeds
+                by_ordering.setdefault(entry["ordering"], []).append(entry["accuracy"])
+            by_count = st.half_width_by_count([float(np.mean(by_ordering[o])) for o in m["orderings"]],
                                               settings.report.confidence)
+            component = components.get((dataset, method), {})
+            low, high = component.get("sd_order_ci") or (None, None)
+            width = None if low is None or high is None else high - low
+            met = bool(m["half_width"] <= target) and (width is not None and width <= order_target)
             rows.append({"dataset": dataset, "method": method, "n_orderings": m["n_orderings"],
-                         "half_width": m["half_width"], "target": target,
-                         "met": bool(m["half_width"] <= target), "by_count": by_count})
+                         "n_seeds": m["n_seeds"], "half_width": m["half_width"], "target": target,
+                         "sd_order_ci_width": width, "order_target": order_target, "met": met,
+                         "by_count": by_count})
     return rows
+
+
+def variance_component_rows(results: Results, settings: Settings, metrics: dict) -> list[dict]:
+    """metrics.json's `variance_components`: per (dataset, method), SD(order), SD(seed), SD(residual) with their
+    intervals, the order-effect test, its verdict and the tail accuracy (analysis.statistics.variance_components;
+    the pairs are fitted in `report.workers` processes)."""
+    config = settings.report
+    jobs = []
+    for dataset, methods in metrics.items():
+        for method, m in methods.items():
+            cells = list(m["per_cell"].values())
+            jobs.append(((dataset, method), m["order_independent"], [c["accuracy"] for c in cells],
+                         [c["ordering"] for c in cells], [c["view_seed"] for c in cells]))
+    options = {"confidence": config.confidence, "bootstrap": config.variance_bootstrap, "seed": config.seed}
+    if config.workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            fitted = list(pool.map(fit_components, [(job, options) for job in jobs]))
+    else:
+        fitted = [fit_components((job, options)) for job in jobs]
+    return [{"dataset": key[0], "method": key[1], **values} for (key, *_), values in zip(jobs, fitted)]
+
+
+def fit_components(job_and_options) -> dict:
+    """One pair's variance components (a top-level function: it runs in a worker process)."""
+    (_, order_independent, accuracies, orderings, seeds), options = job_and_options
+    return st.variance_components(accuracies, orderings, seeds, order_independent=order_independent, **options)
 
 
 def plain(value):
@@ -294,12 +374,15 @@ def compute_metrics(results: Results, settings: Settings, testbed: dict | None, 
     """metrics.json: definitions once at the top, then each part."""
     main = results.runs[results.runs["group"].isin(["main", "added"])]
     datasets = dataset_metrics(results, settings, main)
+    components = variance_component_rows(results, settings, datasets)
+    by_pair = {(r["dataset"], r["method"]): r for r in components}
     return plain({
         "definitions": DEFINITIONS, "confidence": settings.report.confidence,
         "collapse_margin": settings.report.collapse_margin, "runs": int(len(results.runs)),
-        "datasets": datasets, **ablation_rows(results, settings),
+        "datasets": datasets, "variance_components": components, **ablation_rows(results, settings),
         "calibration": calibration_metrics(results, settings, testbed),
-        "testbed": testbed_summary(testbed, pretrain), "evidence": evidence_rows(results, settings, datasets),
+        "testbed": testbed_summary(testbed, pretrain),
+        "evidence": evidence_rows(results, settings, datasets, by_pair),
     })
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from dynaprompt.records import RECORD_COLUMNS
 from dynaprompt.registry import OrderingRegistry
-from dynaprompt.results import RUN_COLUMNS, ResultsLayout, RunKey, runs_table
+from dynaprompt.results import PLAN_COLUMNS, RUN_COLUMNS, ResultsLayout, RunKey, runs_table
 
 from ..checks import run_suite, summarize_failures
 
@@ -24,7 +24,7 @@ class InvalidResults(Exception):
 class Results:
     """Everything the report reads: the plan (params plan + registered orderings), the runs, their records."""
 
-    plan: pd.DataFrame  # dataset, method, ordering, group
+    plan: pd.DataFrame  # dataset, method, ordering, seed, cell, group
     runs: pd.DataFrame  # RUN_COLUMNS + run, group
     records: dict  # RunKey -> records table
     registry: list = field(default_factory=list)
@@ -33,8 +33,9 @@ class Results:
     def group(self, name: str) -> pd.DataFrame:
         return self.runs[self.runs["group"] == name]
 
-    def records_of(self, dataset: str, method: str, ordering: str) -> pd.DataFrame | None:
-        return self.records.get(RunKey(dataset, method, ordering))
+    def records_of(self, dataset: str, method: str, cell: str) -> pd.DataFrame | None:
+        """The records of one run, by its cell (`shuffle-0`, or `shuffle-0~seed2` under another view seed)."""
+        return self.records.get(RunKey.from_cell(dataset, method, cell))
 
     def order(self, column: str, runs: pd.DataFrame | None = None) -> list:
         """Names in the order the plan first mentions them (then any only the runs have)."""
@@ -43,23 +44,30 @@ class Results:
         return names + [n for n in dict.fromkeys(runs[column]) if n not in names]
 
 
-def load_results(layout: ResultsLayout) -> Results:
-    """The params' plan and the registry's runs, and every finished run on disk with its records."""
+def load_results(layout: ResultsLayout, settings) -> Results:
+    """The params' plan and the registry's runs (each cell of ordering x seed), and every finished run on disk
+    with its records."""
+    from dynaprompt.plan import seed_keys, view_seeds
+
     problems = []
     if layout.plan_file.is_file():
         plan = layout.read_plan()
     else:
         problems.append(f"missing {layout.plan_file} (run the sweep)")
-        plan = pd.DataFrame(columns=["dataset", "method", "ordering", "group"])
+        plan = pd.DataFrame(columns=PLAN_COLUMNS)
     registry = [e for e in OrderingRegistry(layout.orderings_registry).entries() if e.status == "complete"]
-    added = [{"dataset": d, "method": m, "ordering": e.name, "group": "added"} for e in registry for d, m in e.runs]
-    plan = pd.concat([plan, pd.DataFrame(added, columns=plan.columns)], ignore_index=True)
-    planned = {RunKey(*k): g for k, g in zip(plan[["dataset", "method", "ordering"]].itertuples(index=False),
-                                             plan["group"])}
+    added = [RunKey(d, m, e.name, s) for e in registry for d, m in e.runs
+             for s in (seed_keys(settings, e.seeds) if e.seeds else view_seeds(settings))]
+    added = pd.DataFrame([{"dataset": k.dataset, "method": k.method, "ordering": k.ordering, "seed": k.seed,
+                           "cell": k.cell, "group": "added"} for k in added], columns=PLAN_COLUMNS)
+    plan = pd.concat([plan, added], ignore_index=True) if len(added) else plan
+    keys = [RunKey.from_cell(*k) for k in plan[["dataset", "method", "cell"]].itertuples(index=False)]
+    planned = dict(zip(keys, plan["group"]))
     summaries = [s for s in layout.summaries() if s.key in planned]
     runs = runs_table(summaries)
-    runs["run"] = [RunKey(*k).label for k in runs[["dataset", "method", "ordering"]].itertuples(index=False)]
-    runs["group"] = [planned[RunKey(*k)] for k in runs[["dataset", "method", "ordering"]].itertuples(index=False)]
+    run_keys = [RunKey.from_cell(*k) for k in runs[["dataset", "method", "cell"]].itertuples(index=False)]
+    runs["run"] = [k.label for k in run_keys]
+    runs["group"] = [planned[k] for k in run_keys]
     records = {s.key: layout.read_records(s.key) for s in summaries}
     return Results(plan, runs, records, registry, problems)
 
@@ -74,7 +82,7 @@ def runs_expectations() -> list:
         gxe.ExpectColumnValuesToBeBetween(column="accuracy", min_value=0.0, max_value=1.0),
         gxe.ExpectColumnValuesToNotBeNull(column="accuracy"),
         gxe.ExpectColumnValuesToNotBeNull(column="n"),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["dataset", "method", "ordering"]),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["dataset", "method", "cell"]),
     ]
 
 
@@ -97,7 +105,7 @@ def records_table(results: Results) -> pd.DataFrame:
     """Every run's records in one table, with the per-run facts each row is checked against."""
     frames = []
     for row in results.runs.itertuples(index=False):
-        records = results.records[RunKey(row.dataset, row.method, row.ordering)]
+        records = results.records[RunKey.from_cell(row.dataset, row.method, row.cell)]
         missing = [c for c in LIST_COLUMNS if c not in records.columns]
         frame = records.drop(columns=[c for c in LIST_COLUMNS if c in records.columns]).copy()
         if missing:  # a list column gone is a broken table: keep the gap visible to the column check
@@ -118,8 +126,8 @@ def validate_results(results: Results, layout: ResultsLayout) -> dict:
     if results.problems:
         return report
     present = set(results.runs["run"])
-    report["missing_runs"] = [RunKey(*k).label for k in results.plan[["dataset", "method", "ordering"]]
-                              .itertuples(index=False) if RunKey(*k).label not in present]
+    labels = [RunKey.from_cell(*k).label for k in results.plan[["dataset", "method", "cell"]].itertuples(index=False)]
+    report["missing_runs"] = [label for label in labels if label not in present]
     suite = run_suite(results.runs.drop(columns=["block_accuracy"]), runs_expectations(), "runs", id_column="run")
     report["suites"].append(suite)
     if suite["success"] and len(results.runs):  # broken columns would make the records suite meaningless
