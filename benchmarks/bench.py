@@ -175,7 +175,7 @@ class LibraryRunner:
             request = method.begin(view_features)
         with clock("tune"):
             tuned = tune_contexts(self.text, request.contexts, request.view_features, method.tuning, method.scaler,
-                                  request.mentions)
+                                  request.mentions, request.base)
         with clock("predict"):
             return method.finish(request, tuned, encode_for_prediction(self.text, tuned, method.tuning))
 

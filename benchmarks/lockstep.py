@@ -34,7 +34,6 @@ from dynaprompt.objectives import (
     TuningRequest,
     autocast,
     encode_for_prediction,
-    fresh_parameters,
     make_optimizer,
     tuning_loss,
 )
@@ -47,17 +46,18 @@ def tune_contexts_lockstep(
     text: PromptTextEncoder, requests: list[TuningRequest], config: TuningConfig, scalers: list
 ) -> list[torch.Tensor]:
     """`tune_contexts` for several independent requests at once: one text pass per step over all their contexts."""
-    params = [fresh_parameters(request.contexts) for request in requests]
+    params = [request.parameters() for request in requests]
     optimizers = [make_optimizer([p], config) for p in params]
-    sizes = [p.shape[0] for p in params]
     scale = text.logit_scale()
     device = requests[0].view_features.device
     for _ in range(config.steps):
+        encoded = [request.encoded(p) for request, p in zip(requests, params)]
+        sizes = [contexts.shape[0] for contexts, _ in encoded]
         with autocast(device, config):
-            features = text.encode(torch.cat(params)).split(sizes)
+            features = text.encode(torch.cat([contexts for contexts, _ in encoded])).split(sizes)
             losses = [
-                tuning_loss(f, request.view_features, scale, config, request.mentions)
-                for f, request in zip(features, requests)
+                tuning_loss(f, request.view_features, scale, config, seen)
+                for f, request, (_, seen) in zip(features, requests, encoded)
             ]
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -65,7 +65,7 @@ def tune_contexts_lockstep(
         for optimizer, scaler in zip(optimizers, scalers):
             scaler.step(optimizer)
             scaler.update()
-    return [p.detach() for p in params]
+    return [request.tuned(p) for request, p in zip(requests, params)]
 
 
 def lockstep_supported(method) -> bool:

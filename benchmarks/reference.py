@@ -8,10 +8,13 @@ library's shortcuts:
 - DynaPrompt holds every buffered prompt (+ v0 for the paper rule) in one parameter tensor: one forward pass
   with grad over all of them gives the metrics, the loss uses the selected ones and the backward pass runs
   through all of them (as the authors' code does); no text features are carried from sample to sample;
-- selection, voting and scores are written out again here, not imported from the library.
+- selection, voting and scores are written out again here, not imported from the library;
+- C-TPT and R-TPT (episodic) tune from v0 on every sample like TPT, with their own losses written out again: the
+  text features of the pass with grad give C-TPT's dispersion, and R-TPT weights the tuned logits of every view
+  by similarities of freshly encoded image features.
 
 Given the views whose features the library reads from its cache, both must give the same predictions, the
-same selections and the same entropies up to float rounding (tests/test_oracle.py).
+same selections and the same entropies up to float rounding (tests/test_oracle.py, tests/test_oracle_episodic.py).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from dynaprompt.methods import METHODS
+from dynaprompt.methods.ctpt import Config as CTPTConfig
+from dynaprompt.methods.rtpt import Config as RTPTConfig
 from dynaprompt.model import LoadedClip
 from dynaprompt.objectives import TuningConfig, autocast, make_grad_scaler
 from dynaprompt.text import text_tower
@@ -123,6 +128,41 @@ def marginal_entropy_loss(logits: torch.Tensor, ratio: float) -> torch.Tensor:
     log_probs = logits[keep].float().log_softmax(-1)
     log_mean = torch.logsumexp(log_probs, dim=0) - math.log(len(keep))
     return (-(log_mean.exp() * log_mean).sum(-1)).mean()
+
+
+def authors_avg_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The TPT authors' `avg_entropy` over [K, C]: entropy of the mean softmax, its log clamped at the dtype min."""
+    log_probs = logits.float() - logits.float().logsumexp(-1, keepdim=True)
+    log_mean = log_probs.logsumexp(0) - math.log(len(logits))
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
+    return -(log_mean * log_mean.exp()).sum(-1)
+
+
+def lowest_entropy_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The n_confident rows of [V, C] logits with the lowest entropy of their own softmax."""
+    return torch.argsort(plain_entropy(logits), stable=True)[:n_confident(len(logits), ratio)]
+
+
+def average_text_feature_dispersion(text: torch.Tensor) -> torch.Tensor:
+    """C-TPT's ATFD over class text features [C, E]: mean over classes of the L2 distance to their centroid."""
+    text = text.float()
+    centroid = text.mean(0)
+    return torch.stack([torch.sqrt(((row - centroid) ** 2).sum()) for row in text]).mean()
+
+
+def reliability(image: torch.Tensor, neighbours: int, temperature: float, threshold: float) -> torch.Tensor:
+    """R-TPT's view weights: softmax over views of (mean of its top-k similarities to the others) / temperature."""
+    # a view is no neighbour of itself, nor is any view at similarity >= threshold; k = min(neighbours, V - 1)
+    n_views = len(image)
+    if n_views == 1:
+        return image.new_ones(1)
+    k = min(neighbours, n_views - 1)
+    similarity = (image.float() @ image.float().t()).tolist()
+    scores = []
+    for v, row in enumerate(similarity):
+        others = sorted((s for u, s in enumerate(row) if u != v and s < threshold), reverse=True)
+        scores.append(sum(others[:k]) / k if len(others) >= k else float("-inf"))
+    return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0).float().to(image.device)
 
 
 def zero_vote(logits: torch.Tensor, ratio: float) -> int:
@@ -306,9 +346,12 @@ class PlainDynaPrompt(PlainMethod):
             ids = sorted(self.contexts)
             buffered = [self.contexts[i] for i in ids]
             stack = buffered if self.official else [self.plain.v0, *buffered]  # the paper rule scores v0 too
-            params = torch.stack(stack).clone().requires_grad_(True)  # every prompt in the graph
+            # the official rule's parameter is every slot's offset from v0 (the authors' PromptLearner), so weight
+            # decay pulls every slot toward v0 at every step; the paper rule's is each prompt itself
+            base = self.plain.v0 if self.official else torch.zeros_like(self.plain.v0)
+            params = (torch.stack(stack) - base).clone().requires_grad_(True)  # every prompt in the graph
             optimizer = self.optimizer(params)
-            logits = self.forward(views, params)
+            logits = self.forward(views, params + base)
             mentions, row_of = self._select(logits.detach().float(), ids)
             for prompt_id in mentions:
                 self.lru.remove(prompt_id)
@@ -319,11 +362,11 @@ class PlainDynaPrompt(PlainMethod):
         for step in range(self.tuning.steps):
             with self.clock("tune"):
                 if step:
-                    logits = self.forward(views, params)
+                    logits = self.forward(views, params + base)
                 self.step(optimizer, self.loss(logits[:, rows]))  # backward through every row
         distinct = sorted(set(mentions))
-        for prompt_id in distinct:
-            self.contexts[prompt_id] = params.detach()[row_of[prompt_id]].clone()
+        for prompt_id in (ids if self.official else distinct):  # official: every slot moved (weight decay)
+            self.contexts[prompt_id] = (params.detach() + base)[row_of[prompt_id]].clone()
         tuned = torch.stack([self.contexts[i] for i in distinct])
         return result(before, self.predict(views, tuned, [distinct.index(i) for i in mentions]), mentions)
 
@@ -346,8 +389,67 @@ class PlainDynaPrompt(PlainMethod):
         return [new], row_of
 
 
+class PlainEpisodicTuning(PlainMethod):
+    """C-TPT and R-TPT: from v0 every sample, the image encoder and full text with grad on every step.
+
+    The confident views are chosen at the first step and kept for the later ones (the authors' `selected_idx`).
+    """
+
+    def __call__(self, views):
+        params = self.plain.v0.clone().unsqueeze(0).requires_grad_(True)
+        optimizer = self.optimizer(params)
+        keep, before = None, None
+        for _ in range(self.tuning.steps):
+            with self.clock("tune"):
+                with autocast(self.plain.device, self.tuning):
+                    text = self.plain.text_features(params)  # [1, C, E]
+                    logits = self.plain.logits(self.plain.image_features(views), text)[:, 0]  # [V, C]
+                if before is None:
+                    before = logits.detach()[0]
+                    keep = lowest_entropy_views(logits.detach(), self.tuning.confident_ratio)
+                with autocast(self.plain.device, self.tuning):
+                    loss = self.objective(logits[keep], text[0])
+                self.step(optimizer, loss)
+        if before is None:  # no step: v0's logits
+            with torch.no_grad():
+                before = self.predict(views, params.detach(), [0])
+        return result(before, self.final_logits(views, params.detach()), [0])
+
+    def final_logits(self, views: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """The tuned prompt on the original view."""
+        return self.predict(views, contexts, [0])
+
+
+class PlainCTPT(PlainEpisodicTuning):
+    """C-TPT: TPT's entropy of the mean softmax minus lambda times the class text features' dispersion."""
+
+    Config = CTPTConfig
+
+    def objective(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return authors_avg_entropy(logits) - self.config.lambda_term * average_text_feature_dispersion(text)
+
+
+class PlainRTPT(PlainEpisodicTuning):
+    """R-TPT: the mean of the confident views' own entropies; all views' tuned logits weighted by reliability."""
+
+    Config = RTPTConfig
+
+    def objective(self, logits: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return plain_entropy(logits).mean()
+
+    def final_logits(self, views: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        with self.clock("predict"), torch.no_grad():
+            image = self.plain.image_features(views)
+            with autocast(self.plain.device, self.tuning):
+                text = self.plain.text_features(contexts).float()
+            logits = self.plain.logits(image, text)[:, 0].float()  # [V, C]
+            config = self.config
+            weights = reliability(image, config.neighbours, config.temperature, config.self_similarity)
+            return weights @ logits
+
+
 PLAIN = {"zero_shot": PlainZeroShot, "zero": PlainZero, "tpt": PlainTPT, "online_tpt": PlainOnlineTPT,
-         "dynaprompt": PlainDynaPrompt}
+         "dynaprompt": PlainDynaPrompt, "ctpt": PlainCTPT, "rtpt": PlainRTPT}
 
 
 def build_plain(kind: str, plain: PlainCLIP, tuning: TuningConfig, config=None, clock: Clock | None = None):

@@ -1,7 +1,9 @@
 """Loading a frozen CLIP from open_clip: a named architecture, a config given as data, local or cached weights."""
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ class LoadedClip:
     image_std: tuple[float, float, float]
     device: torch.device
     weights: str  # what was loaded, for run metadata: a path, or "random(seed)"
+    activation: str = "GELU"  # GELU or QuickGELU (OpenAI's models)
+    weights_format: str = "random"  # torchscript | openai | open_clip | random
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +104,8 @@ def _missing_weights_message(spec: ModelSpec, name: str, tried: list[str]) -> st
         f"No weights for model.arch={name!r} model.pretrained={spec.pretrained!r}. Tried: "
         + "; ".join(tried)
         + ". Supply them one of these ways: set model.pretrained to a local weights file "
-        "(e.g. /data/ViT-B-16.safetensors, with model.arch ViT-B-16-quickgelu for OpenAI weights); "
+        "(OpenAI's ~/.cache/clip/ViT-B-16.pt as it is, or /data/ViT-B-16.safetensors, with model.quick_gelu: true "
+        "for OpenAI weights converted to open_clip's format); "
         "or populate a Hugging Face cache where there is network (huggingface-cli download <repo>) "
         "and point model.cache_dir at it, running with HF_HUB_OFFLINE=1; "
         "or set model.allow_download: true on a machine with network access."
@@ -139,14 +144,100 @@ def resolve_weights(spec: ModelSpec, name: str) -> tuple[str | None, dict]:
     raise WeightsNotFoundError(_missing_weights_message(spec, name, tried))
 
 
+OPENAI_KEYS = {"input_resolution", "context_length", "vocab_size"}  # buffers only OpenAI's own checkpoints carry
+
+
+class WeightsMismatchError(ValueError):
+    """model.arch and the weights describe different models."""
+
+
+def weights_format(path: str | Path) -> str:
+    """How a weights file is written: 'torchscript' (OpenAI's ~/.cache/clip/*.pt), 'openai' (a state dict of
+    OpenAI's module, with its input_resolution/context_length/vocab_size buffers) or 'open_clip' (open_clip's
+    state dict: .safetensors, .bin, .pt)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return "open_clip"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # noqa: BLE001 -- any unreadable file gets one message naming it
+        raise WeightsMismatchError(f"model.pretrained {path}: neither a TorchScript archive, a state dict nor a "
+                                   f"safetensors file ({error})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return "openai" if OPENAI_KEYS & set(state) else "open_clip"
+
+
+def sidecar_config(path: str | Path) -> dict | None:
+    """open_clip_config.json next to the weights (a Hugging Face snapshot of an open_clip model), if any."""
+    sidecar = Path(path).with_name("open_clip_config.json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+
+
+def parameter_shapes(model: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in OPENAI_KEYS}
+
+
+def check_architecture(name: str, model: torch.nn.Module, weights: str) -> None:
+    """One error naming both when `name`'s config builds other shapes than the loaded weights have."""
+    with torch.device("meta"):
+        skeleton = open_clip.create_model(name, pretrained=None, device="meta")
+    expected, found = parameter_shapes(skeleton), parameter_shapes(model)
+    differ = [k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: arch {expected.get(k)} vs weights {found.get(k)}" for k in differ[:3])
+        raise WeightsMismatchError(f"model.arch {name!r} does not describe the weights {weights} ({len(differ)} "
+                                   f"tensors differ, e.g. {shown}): set model.arch to the weights' architecture")
+
+
+def quick_gelu_for(spec: ModelSpec, name: str, weights: str | None, extra: dict) -> tuple[bool, str]:
+    """Whether the activation is QuickGELU, and why: the explicit setting, the tag, the file beside the weights,
+    or the arch's own config."""
+    if spec.quick_gelu is not None:
+        return bool(spec.quick_gelu), "model.quick_gelu"
+    if "force_quick_gelu" in extra:
+        return extra["force_quick_gelu"], f"the tag {spec.pretrained!r}"
+    sidecar = sidecar_config(weights) if weights else None
+    if sidecar and "quick_gelu" in sidecar.get("model_cfg", {}):
+        return bool(sidecar["model_cfg"]["quick_gelu"]), "open_clip_config.json beside the weights"
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False)), f"the config of {name!r}"
+
+
 def load_clip(spec: ModelSpec) -> LoadedClip:
-    """Build the frozen CLIP of `spec`; fail fast with one clear message when its weights are missing."""
+    """Build the frozen CLIP of `spec`; fail fast with one clear message when its weights are missing or are not
+    the arch's. OpenAI's checkpoints (TorchScript or state dict) load through open_clip's OpenAI loader, with
+    QuickGELU whatever the arch's name says."""
     name = register_arch(spec.arch)
     weights, extra = resolve_weights(spec, name)
     device = resolve_device(spec.device)
+    fmt = weights_format(weights) if weights else "random"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
-        model = open_clip.create_model(name, pretrained=weights, device=device, **_model_kwargs(extra))
+        if fmt in ("torchscript", "openai"):
+            model = open_clip.load_openai_model(weights, precision="fp32", device=device)
+            activation, why = "QuickGELU", "OpenAI's checkpoint"
+            extra = {"image_mean": open_clip.OPENAI_DATASET_MEAN, "image_std": open_clip.OPENAI_DATASET_STD,
+                     **{k: v for k, v in extra.items() if k.startswith("image_")}}
+        else:
+            quick, why = quick_gelu_for(spec, name, weights, extra)
+            activation = "QuickGELU" if quick else "GELU"
+            try:
+                model = open_clip.create_model(name, pretrained=weights, device=device,
+                                               **_model_kwargs({**extra, "force_quick_gelu": quick}))
+            except RuntimeError as error:
+                if "size mismatch" not in str(error) and "Missing key" not in str(error):
+                    raise
+                raise WeightsMismatchError(f"model.arch {name!r} does not describe the weights {weights}: "
+                                           f"{str(error).splitlines()[0]}") from None
+    if fmt in ("torchscript", "openai"):
+        check_architecture(name, model, weights)
+    if fmt != "random":
+        print(f"model: {name} from {weights} ({fmt}), {activation} activations ({why})", flush=True)
     model.eval().requires_grad_(False)
     use_lean_blocks(model)
     preprocess = getattr(model.visual, "preprocess_cfg", {})
@@ -159,6 +250,9 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
         image_std=tuple(extra.get("image_std", preprocess.get("std", open_clip.OPENAI_DATASET_STD))),
         device=device,
         weights=weights or f"random(seed={spec.init_seed})",
+        activation=activation if fmt != "random" else ("QuickGELU" if quick_gelu_for(spec, name, None, extra)[0]
+                                                       else "GELU"),
+        weights_format=fmt,
     )
 
 

@@ -76,14 +76,36 @@ def make_grad_scaler(device: torch.device, config: TuningConfig) -> torch.amp.Gr
 class TuningRequest:
     """What one sample asks of the tuner, and what its method needs back to finish the sample.
 
-    `contexts` [U, n_ctx, width] are the distinct prompts to step; `mentions` lists them as the loss sees them
-    (None: each once); `state` is the method's own note from `begin` to `finish`.
+    `contexts` [P, n_ctx, width] are the prompts the optimiser holds; `mentions` lists the rows the loss sees, as
+    it sees them (a row named twice counts twice; None: every row once); `state` is the method's own note from
+    `begin` to `finish`. `base` None: each context is its own parameter. `base` v0 [n_ctx, width]: the parameter
+    is the offset `context - base` (DynaPrompt's authors' parameterisation), so AdamW's decoupled weight decay
+    pulls every row toward v0 at every step, whether the loss saw it or not; only the mentioned rows are encoded
+    with grad.
     """
 
     contexts: torch.Tensor
     view_features: torch.Tensor
     mentions: list[int] | None = None
     state: object = None
+    base: torch.Tensor | None = None
+
+    def parameters(self) -> torch.Tensor:
+        """A fresh leaf to optimise: the contexts, or their offsets from `base`."""
+        return fresh_parameters(self.contexts if self.base is None else self.contexts - self.base)
+
+    def encoded(self, params: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """The contexts the loss encodes (with grad) and the loss's mentions of them."""
+        if self.base is None:
+            return params, self.mentions
+        rows = sorted(set(self.mentions if self.mentions is not None else range(params.shape[0])))
+        where = {row: k for k, row in enumerate(rows)}
+        mentions = [where[row] for row in (self.mentions if self.mentions is not None else rows)]
+        return params[rows] + self.base, mentions
+
+    def tuned(self, params: torch.Tensor) -> torch.Tensor:
+        """Every row's context after the steps."""
+        return params.detach() if self.base is None else (params + self.base).detach()
 
 
 def fresh_parameters(contexts: torch.Tensor) -> torch.Tensor:
@@ -117,24 +139,27 @@ def tune_contexts(
     config: TuningConfig,
     scaler: torch.amp.GradScaler,
     mentions: list[int] | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`config.steps` AdamW steps on the mean marginal entropy of the confident views; fresh optimiser state.
 
-    `contexts` [U, n_ctx, width] are the distinct prompts being tuned; `mentions` lists them as the loss sees
-    them (a prompt named twice counts twice), defaulting to each once.
+    `contexts` [P, n_ctx, width] are the prompts being tuned; `mentions` lists the rows as the loss sees them (a
+    prompt named twice counts twice), defaulting to each once; `base` as in `TuningRequest`.
     """
-    params = fresh_parameters(contexts)
+    request = TuningRequest(contexts, view_features, mentions, base=base)
+    params = request.parameters()
     optimizer = make_optimizer([params], config)
     scale = text.logit_scale()
     for _ in range(config.steps):
+        encoded, seen = request.encoded(params)
         with autocast(view_features.device, config):
-            loss = tuning_loss(text.encode(params), view_features, scale, config, mentions)
+            loss = tuning_loss(text.encode(encoded), view_features, scale, config, seen)
         check_finite(loss, "loss")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return check_finite(params.detach(), "tuned contexts")
+    return check_finite(request.tuned(params), "tuned contexts")
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -153,7 +178,8 @@ def tune_and_finish(method, view_features: torch.Tensor):
     """
     request = method.begin(view_features)
     tuned = tune_contexts(
-        method.text, request.contexts, request.view_features, method.tuning, method.scaler, request.mentions
+        method.text, request.contexts, request.view_features, method.tuning, method.scaler, request.mentions,
+        request.base,
     )
     return method.finish(request, tuned, encode_for_prediction(method.text, tuned, method.tuning))
 

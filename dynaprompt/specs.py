@@ -23,6 +23,8 @@ class ModelSpec:
     allow_download: bool = False  # never reach for the network unless asked
     init_seed: int = 0  # seeds random weights, so a random-weight model is reproducible
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    quick_gelu: bool | None = None  # null: as the weights say (OpenAI's checkpoints, the tag, open_clip_config.json
+    #   beside the file), else the arch's config; true/false overrides
 
 
 @dataclass(frozen=True)

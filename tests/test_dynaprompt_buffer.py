@@ -110,3 +110,33 @@ def test_official_twice_named_prompt_counts_twice(text, monkeypatch):
     assert outcome.selected == [0, 0]
     assert method.buffer[0].uses == 2
     assert method.lru == [1, 2, 0]
+
+
+def test_official_slots_are_offsets_that_decay_toward_v0_at_every_sample(text):
+    """The authors' parameterisation: an unselected slot's offset from v0 shrinks by lr x wd per sample, by hand."""
+    tuning = TuningConfig(lr=0.05, weight_decay=0.01)
+    method = dp.DynaPrompt(text, tuning, dp.Config(buffer_size=3, selection="official"))
+    v0, factor = text.init_context, 1 - 0.05 * 0.01
+    checked, largest = 0, 0.0
+    for features in random_view_features(8, n_views=16, dim=128, seed=11):
+        before = {i: prompt.context.clone() for i, prompt in method.buffer.items()}
+        outcome = method(features)
+        for i, prompt in method.buffer.items():
+            if i in outcome.selected or i in outcome.deleted:  # stepped, or reset to v0 and stepped
+                continue
+            torch.testing.assert_close(prompt.context, v0 + (before[i] - v0) * factor, rtol=0, atol=1e-7)
+            checked, largest = checked + 1, max(largest, float((before[i] - v0).abs().max()))
+        for prompt in method.buffer.values():  # every slot moved: every carried feature is re-encoded
+            torch.testing.assert_close(prompt.features, text.encode(prompt.context.unsqueeze(0))[0], rtol=0, atol=1e-6)
+    assert checked > 0 and largest > 0  # some slot was tuned, then left out, and decayed
+
+
+def test_paper_rule_prompts_are_their_own_parameters(text):
+    """The paper's rule: an unselected prompt does not move at all (no decay toward v0 or 0)."""
+    method = dp.DynaPrompt(text, TuningConfig(lr=0.05, weight_decay=0.01), dp.Config(buffer_size=3))
+    for features in random_view_features(6, n_views=16, dim=128, seed=12):
+        before = {i: prompt.context.clone() for i, prompt in method.buffer.items()}
+        outcome = method(features)
+        for i in before:
+            if i in method.buffer and i not in outcome.selected:
+                assert torch.equal(method.buffer[i].context, before[i])

@@ -9,17 +9,24 @@ from __future__ import annotations
 from ..objectives import TuningConfig
 from ..text import PromptTextEncoder
 from .boostadapter import BoostAdapter
+from .ctpt import CTPT
 from .dmn import DMN
+from .dpe import DPE
 from .dynaprompt import DynaPrompt, DynaPromptConfig
+from .ecalp import ECALP
+from .mta import MTA
 from .online_tpt import OnlineTPT
 from .onzeta import OnZeta
+from .rtpt import RTPT
+from .tca import TCA
 from .tda import TDA
 from .tpt import TPT
 from .zero import Zero
 from .zero_shot import ZeroShot
 
 METHODS = {"zero_shot": ZeroShot, "tpt": TPT, "online_tpt": OnlineTPT, "dynaprompt": DynaPrompt, "zero": Zero,
-           "tda": TDA, "dmn": DMN, "onzeta": OnZeta, "boostadapter": BoostAdapter}
+           "tda": TDA, "dmn": DMN, "onzeta": OnZeta, "boostadapter": BoostAdapter, "ctpt": CTPT, "rtpt": RTPT,
+           "mta": MTA, "dpe": DPE, "ecalp": ECALP, "tca": TCA}
 METHOD_KINDS = tuple(METHODS)
 
 
@@ -30,4 +37,4 @@ def build_method(kind: str, text: PromptTextEncoder, tuning: TuningConfig, confi
 
 
 __all__ = ["METHODS", "METHOD_KINDS", "build_method", "DynaPrompt", "DynaPromptConfig", "OnlineTPT", "TPT", "Zero",
-           "ZeroShot", "TDA", "DMN", "OnZeta", "BoostAdapter"]
+           "ZeroShot", "TDA", "DMN", "OnZeta", "BoostAdapter", "CTPT", "RTPT", "MTA", "DPE", "ECALP", "TCA"]

@@ -4,6 +4,14 @@ probability difference, grown by appending, bounded by deleting the least recent
 Two selection rules: `paper` follows the paper's text; `official` follows the authors' code, quirks included.
 Text features of buffered prompts are carried from sample to sample: a prompt that was not stepped is
 bit-for-bit the same, so only the prompts stepped at the last sample were re-encoded (by its prediction).
+
+Parameterisation. The paper's rule steps each selected prompt as its own vector (the paper describes prompts
+initialised from v0 and optimised when selected, as TPT's context is): weight decay acts on a prompt only when it
+is stepped, and pulls it toward 0. The official rule keeps the authors' parameterisation
+(clip/custom_clip_lessctx.py: `ctx` starts at zeros and `forward` adds `init_ctx`; all M slots are one AdamW
+parameter): a slot is an offset from v0, and every step decays every slot's offset toward 0, i.e. the slot toward
+v0, selected or not (by lr x weight_decay = 5e-5 of the offset per sample at lr 5e-3, wd 0.01). Every slot then
+changes at every sample, so the official rule re-encodes all M slots in its prediction pass.
 """
 from __future__ import annotations
 
@@ -235,15 +243,22 @@ class DynaPrompt:
         return select_official(entropy_m, probdiff_m, init), appended, deleted
 
     def _tuning_request(self, mentions: list[int], appended, deleted, view_features) -> TuningRequest:
-        """Step 7's ask: one step on the distinct selected prompts, repeats counting twice in the loss."""
-        distinct = sorted(set(mentions))
-        position = {prompt_id: k for k, prompt_id in enumerate(distinct)}
+        """Step 7's ask: one step on the selected prompts, repeats counting twice in the loss.
+
+        Paper rule: the distinct selected prompts are the parameters. Official rule (clip/custom_clip_lessctx.py):
+        every slot is an offset from v0 in one AdamW parameter, so the step also decays every other slot's offset
+        toward v0 (by lr x weight_decay), and every slot is re-encoded by the prediction pass.
+        """
+        official = self.config.selection == "official"
+        rows = sorted(self.buffer) if official else sorted(set(mentions))
+        position = {prompt_id: k for k, prompt_id in enumerate(rows)}
         mention_index = [position[prompt_id] for prompt_id in mentions]
-        old_features = torch.stack([self.buffer[i].features for i in distinct])
+        old_features = torch.stack([self.buffer[i].features for i in rows])
         before = original_view_logits(view_features, old_features[mention_index], self.scale)
-        contexts = torch.stack([self.buffer[i].context for i in distinct])
-        state = (mentions, appended, deleted, distinct, before)
-        return TuningRequest(contexts, view_features, mention_index, state=state)
+        contexts = torch.stack([self.buffer[i].context for i in rows])
+        state = (mentions, appended, deleted, rows, before)
+        return TuningRequest(contexts, view_features, mention_index, state=state,
+                             base=self.text.init_context if official else None)
 
     def _append_fresh(self) -> int:
         """A new prompt at v0, most recently used; returns its id."""
