@@ -10,6 +10,11 @@ import os
 # OpenMP threads that spin while waiting starve a second torch process on the same cores (measured: two runs on
 # two cores, pretraining ~10x slower); libgomp reads this when torch loads, so before the first `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The CPU kernels that order float operations, pinned for bit-identical numbers on every x86-64 CPU with AVX2
+# (dynaprompt/determinism.py; DYNAPROMPT_CPU_KERNELS=native lifts them).
+from .determinism import pin_cpu_kernels  # noqa: E402  (no torch import)
+
+pin_cpu_kernels()
 
 __version__ = "0.2.0"
 _EXPORTS = {

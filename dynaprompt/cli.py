@@ -1,4 +1,4 @@
-"""Command line: `dynaprompt run --params params.yaml --dataset D --method M --ordering O`."""
+"""Command line: `dynaprompt run --params params.yaml --dataset D --method M --ordering O`; `dynaprompt ui`."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None,
                      help="records file (.parquet, summary next to it); default: the results folder of params")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ui = commands.add_parser("ui", help="MLflow's UI on the project's database; its root page opens the runs")
+    ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml): mlflow.db, "
+                    "mlflow.artifacts, mlflow.experiment")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    ui.add_argument("--open", action="store_true", help="open the experiment's runs in the web browser")
+    check = commands.add_parser("check", help="before GPU-hours are spent: the datasets found, their caches, and "
+                                "the plan's estimated cost")
+    check.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    check.add_argument("--top", type=int, default=20, help="rows of the estimate (most expensive first)")
     return parser
 
 
@@ -58,10 +68,58 @@ def run_command(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def ui_command(args) -> int:
+    import signal
+    import webbrowser
+
+    from .ui import MlflowUi
+
+    settings = load_settings(args.params)
+    base, tracking = settings.base_dir, settings.mlflow
+    server = MlflowUi(base / tracking.db, base / tracking.artifacts, tracking.experiment, args.host, args.port,
+                      cwd=base)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops mlflow too, as Ctrl-C does
+    try:
+        url = server.start()
+        print(f"MLflow UI on {base / tracking.db}, experiment '{tracking.experiment}': {url}\n"
+              f"({server.url}/ opens the same runs; Ctrl-C stops)", flush=True)
+        if args.open:
+            webbrowser.open(url)
+        code = server.wait()
+        raise RuntimeError(f"mlflow ui stopped with code {code}: {server.log_tail()}")
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.close()
+
+
+def check_command(args) -> int:
+    """The datasets table, the estimate, and one line per missing dataset root (then a non-zero exit)."""
+    from . import check
+
+    settings = load_settings(args.params)
+    reports = check.check_datasets(settings)
+    print(check.datasets_table(reports))
+    missing = check.missing_lines(reports)
+    if len(missing) < len(reports):
+        work = check.estimate(settings, reports, check.measured_selection(settings))
+        print()
+        print(check.estimate_table(work, args.top))
+        print(check.summary_line(work))
+    for line in missing:
+        print(f"dynaprompt check: missing: {line}", file=sys.stderr)
+    return 1 if missing else 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"ui": ui_command, "check": check_command, "run": run_command}
     try:
-        return run_command(args)
+        return commands[args.command](args)
     except (WeightsNotFoundError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"dynaprompt: error: {error}", file=sys.stderr)
         return 2

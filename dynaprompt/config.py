@@ -19,6 +19,7 @@ from .schema import CODE, ParamsError, Source, as_mapping, check_keys, closest, 
 from .specs import (
     AblationConfig,
     CalibrationConfig,
+    CheckConfig,
     DatasetSpec,
     EmbedConfig,
     MethodSpec,
@@ -33,11 +34,13 @@ from .specs import (
     Settings,
     SweepConfig,
     TestbedConfig,
+    ValidateConfig,
 )
 from .views import ViewConfig
 
-TOP_LEVEL = ("paths", "model", "prompt", "views", "tuning", "run", "embed", "methods", "orderings", "templates",
-             "pretrain", "testbed", "calibration", "datasets", "mixtures", "sweep", "ablations", "report", "mlflow")
+TOP_LEVEL = ("paths", "model", "prompt", "views", "tuning", "run", "embed", "check", "validate", "methods",
+             "orderings", "templates", "pretrain", "testbed", "calibration", "datasets", "mixtures", "sweep",
+             "ablations", "report", "mlflow")
 
 
 def frozen(mapping) -> dict:
@@ -110,7 +113,9 @@ def parse_method(name: str, entry: dict, source: Source, path: tuple, datasets) 
     with_overrides(ViewConfig(), as_mapping(views, source, path + ("views",)), source, path + ("views",))
     for dataset, overrides in as_mapping(per_dataset, source, path + ("per_dataset",)).items():
         where = path + ("per_dataset", dataset)
-        if dataset not in datasets:
+        if dataset not in datasets and dataset not in paper_dataset_kinds():
+            # a paper dataset's name may stay: a params file trimmed to some of the paper's datasets keeps the
+            # per-dataset constants of the others; any other name is a typo
             fail(source, where, f"{dataset!r} is not a dataset or mixture{closest(dataset, datasets)}")
         overrides = dict(as_mapping(overrides, source, where))
         with_overrides(TuningConfig(), as_mapping(overrides.pop("tuning", {}), source, where), source, where)
@@ -118,6 +123,12 @@ def parse_method(name: str, entry: dict, source: Source, path: tuple, datasets) 
         method_options(kind, {**entry, **overrides}, source, where)
     return MethodSpec(name, kind, frozen(entry), frozen(tuning), frozen(views),
                       frozen({d: frozen(o) for d, o in per_dataset.items()}), templates)
+
+
+def paper_dataset_kinds() -> set:
+    from .datasets import EXPECTED
+
+    return set(EXPECTED)
 
 
 def method_options(kind: str, options: dict, source: Source, path: tuple):
@@ -241,6 +252,7 @@ def settings_from_params(params: dict, base_dir: str | Path = ".", source: Sourc
     settings = Settings(
         model=block("model", ModelSpec), prompt=block("prompt", PromptConfig), views=block("views", ViewConfig),
         tuning=block("tuning", TuningConfig), run=block("run", RunConfig), embed=block("embed", EmbedConfig),
+        check=block("check", CheckConfig), validate=block("validate", ValidateConfig),
         datasets=frozen(datasets), mixtures=frozen(mixtures),
         methods=frozen({**methods, **{d.name: d for d in derived}}),
         orderings=frozen(orderings), templates=frozen(templates), sweep=sweep, calibration=calibration,

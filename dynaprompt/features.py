@@ -31,6 +31,7 @@ from .provenance import weights_fingerprint
 from .views import ViewConfig, ViewGenerator
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+RELEASE_MARGIN = 1 << 20  # bytes released on either side of a row read (covers the kernel's fault-around window)
 CACHE_FORMAT = 2  # 1: chunk-*.pt files of fp32 rows loaded whole; 2: one memory-mapped features.npy
 
 
@@ -138,6 +139,8 @@ class MappedRows:
         self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         with self.path.open("rb") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_RANDOM"):  # no read-ahead or fault-around: a read maps its own row's pages only
+            self._map.madvise(mmap.MADV_RANDOM)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -146,9 +149,11 @@ class MappedRows:
         start = self.offset + row * self.row_bytes
         values = np.frombuffer(self._map, self.dtype, count=self.row_bytes // self.dtype.itemsize, offset=start)
         out = torch.from_numpy(values.reshape(self.shape[1:]).copy())
-        page = mmap.PAGESIZE
-        first = start // page * page
-        self._map.madvise(mmap.MADV_DONTNEED, first, start + self.row_bytes - first)
+        # the kernel maps the pages around a fault too (fault-around, 64 KiB by default, whatever MADV_RANDOM
+        # says): release a window well past the row, so that no neighbour's pages stay resident either
+        first = max(0, (start - RELEASE_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE)
+        end = min(len(self._map), start + self.row_bytes + RELEASE_MARGIN)
+        self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
         return out
 
     def __getstate__(self):
@@ -239,6 +244,8 @@ class FeatureStore:
     def _encoded(dataset, encoder: ViewEncoder, sample_ids, rows, samples_per_batch: int, workers: int):
         """(row, features [V, E] on the CPU) in row order: workers make the views; on a CPU they encode them too."""
         on_gpu = encoder.clip.device.type == "cuda"
+        if not on_gpu:  # each worker encodes on one core: no more workers than cores
+            workers = min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else workers)
         items = ViewsDataset(dataset, sample_ids, encoder.generator, None if on_gpu else encoder)
         loader = torch.utils.data.DataLoader(  # a batch is one message from a worker: B samples' views or features
             torch.utils.data.Subset(items, rows), batch_size=samples_per_batch,

@@ -3,19 +3,29 @@
 Each entry is reproducible by name and seed, says when and by which sweep it was added, and lists the runs
 (dataset, method) it was drawn for and the view seeds they run under (its cells of the ordering x seed grid). An
 entry is `pending` from the moment it is drawn (written atomically before any of its runs start) until all its
-runs are finished; a sweep killed in between resumes its pending entries before it draws new ones, and new seeds
-are always above every seed any ordering of that kind has used, so a half-finished seed is never handed out
-twice.
+runs are finished; new seeds are always above every seed any ordering of that kind has used, so a half-finished
+seed is never handed out twice.
+
+A pending entry belongs to the sweep that holds it (`owner`, with its pid and host): that sweep holds its liveness
+lock (`ResultsLayout.sweep_lock`) for its whole life, and a later sweep takes over only the pending entries of a
+sweep whose lock can be taken (it died, or ended with failed runs), never those of a sweep still running. Every
+read-modify-write of the file holds the registry's own lock (`orderings.json.lock`), so two sweeps drawing at once
+draw one after the other.
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import parse_ordering
-from .results import write_atomically
+from .results import FileLock, write_atomically
 from .specs import OrderingSpec, Settings
 
 ADDED_KINDS = ("shuffle", "class_blocked", "cyclic")  # the order-dependent kinds a scheduled sweep extends
@@ -34,6 +44,13 @@ class RegisteredOrdering:
     runs: list = field(default_factory=list)  # [dataset, method] pairs
     status: str = "pending"  # pending | complete
     seeds: list | None = None  # the view seeds its runs run under (null: the params' main grid)
+    owner: str | None = None  # the sweep that holds it now (null in older registries: sweep_id)
+    pid: int | None = None  # the owner's process and host
+    host: str | None = None
+
+    @property
+    def holder(self) -> str:
+        return self.owner or self.sweep_id
 
     @property
     def spec(self) -> OrderingSpec:
@@ -41,10 +58,27 @@ class RegisteredOrdering:
 
 
 class OrderingRegistry:
-    """results/orderings.json, read and written whole (it is small)."""
+    """results/orderings.json, read and written whole (it is small); written under its lock only."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._file_lock = FileLock(self.path.with_name(self.path.name + ".lock"))
+        self._guard, self._depth = threading.RLock(), 0
+
+    @contextmanager
+    def lock(self):
+        """Hold the registry against other processes (and threads) for a read-modify-write; re-entrant on this
+        object, so `draw` and `complete` inside a caller's `with registry.lock():` run under the same hold."""
+        with self._guard:
+            if self._depth == 0:
+                self._file_lock.acquire()
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._file_lock.release()
 
     def entries(self) -> list[RegisteredOrdering]:
         if not self.path.is_file():
@@ -67,21 +101,49 @@ class OrderingRegistry:
              seeds: list | None = None) -> RegisteredOrdering:
         """Register a new ordering of `kind` for `runs` ([dataset, method] pairs) under the view `seeds` (its
         cells), pending until they finish."""
-        seed = self.next_seed(settings, kind)
-        entry = RegisteredOrdering(name=f"{kind}-{seed}", kind=kind, seed=seed, options=dict(options or {}),
-                                   added_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sweep_id=sweep_id,
-                                   runs=[list(r) for r in runs], seeds=None if seeds is None else list(seeds))
-        if entry.name in settings.orderings:
-            raise ValueError(f"ordering {entry.name!r} is already defined in params; rename it there")
-        self.save(self.entries() + [entry])
+        with self.lock():
+            seed = self.next_seed(settings, kind)
+            entry = RegisteredOrdering(name=f"{kind}-{seed}", kind=kind, seed=seed, options=dict(options or {}),
+                                       added_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sweep_id=sweep_id,
+                                       runs=[list(r) for r in runs], seeds=None if seeds is None else list(seeds),
+                                       **owned_by(sweep_id))
+            if entry.name in settings.orderings:
+                raise ValueError(f"ordering {entry.name!r} is already defined in params; rename it there")
+            self.save(self.entries() + [entry])
         return entry
 
+    def claim_pending(self, sweep_id: str, alive: Callable[[str], bool]) -> list[RegisteredOrdering]:
+        """The pending entries `sweep_id` resumes: its own, and those of a sweep no longer `alive` (sweep id ->
+        whether it still runs), now owned by `sweep_id`; a live sweep's pending entries are left to it."""
+        with self.lock():
+            entries, claimed = self.entries(), []
+            verdict: dict[str, bool] = {}
+            for entry in entries:
+                if entry.status != "pending":
+                    continue
+                holder = entry.holder
+                if holder != sweep_id and holder not in verdict:
+                    verdict[holder] = alive(holder)
+                if holder != sweep_id and verdict[holder]:
+                    continue  # its sweep still runs them
+                vars(entry).update(owned_by(sweep_id))
+                claimed.append(entry)
+            if claimed:
+                self.save(entries)
+        return claimed
+
     def complete(self, names: list[str]) -> None:
-        entries = self.entries()
-        for entry in entries:
-            if entry.name in names:
-                entry.status = "complete"
-        self.save(entries)
+        with self.lock():
+            entries = self.entries()
+            for entry in entries:
+                if entry.name in names:
+                    entry.status = "complete"
+            self.save(entries)
+
+
+def owned_by(sweep_id: str) -> dict:
+    """The owner fields of an entry this process's sweep `sweep_id` holds."""
+    return {"owner": sweep_id, "pid": os.getpid(), "host": socket.gethostname()}
 
 
 def with_registered(settings: Settings, entries: list[RegisteredOrdering]) -> Settings:

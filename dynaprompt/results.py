@@ -13,9 +13,16 @@ module; no other file spells a results path.
 A cell is an ordering under one augmentation seed: `<ordering>` under the params' `views.view_seed`,
 `<ordering>~seed<k>` under view seed k (the runs of `sweep.view_seeds`).
     results/runs/<dataset>/<method>/<ordering>.checkpoint/  a run in progress (dynaprompt.checkpoint)
+
+Locks between sweeps sharing the folder (`FileLock`, present only while held):
+    results/runs/<dataset>/<method>/<cell>.lock         a run being computed (`ResultsLayout.lock(key)`)
+    results/results.lock                                 plan.json, sweep.json, runs.parquet being rewritten
+    results/orderings.json.lock                          the registry being read-modified-written (its own)
+    results/sweeps/<sweep_id>.lock                       held by a live sweep for its whole life
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -141,6 +148,15 @@ class ResultsLayout:
         """The latest sweep: its id and its MLflow parent run (the report stage attaches the report there)."""
         return self.root / "sweep.json"
 
+    def lock(self, key: RunKey | None = None) -> "FileLock":
+        """The lock of run `key`, next to its records (held while it computes), or, without a key, of the folder's
+        shared files (plan.json, sweep.json, runs.parquet) while one is rewritten."""
+        return FileLock(self.root / "results.lock" if key is None else self.records(key).with_suffix(".lock"))
+
+    def sweep_lock(self, sweep_id: str) -> "FileLock":
+        """The liveness lock a sweep holds for its whole life: taken, the sweep is gone."""
+        return FileLock(self.root / "sweeps" / f"{sweep_id}.lock")
+
     def write_sweep_record(self, record: dict) -> None:
         write_atomically(json.dumps(record, indent=2), self.sweep_record)
 
@@ -229,3 +245,66 @@ def write_atomically(content, target: Path) -> None:
     else:
         partial.write_text(content)
     os.replace(partial, target)
+
+
+class FileLock:
+    """An exclusive OS lock (`flock`) on a file, between processes and between threads (each holder opens the file
+    itself). The kernel drops it when its holder dies, even on kill -9. `release` removes the file; a waiter that
+    locked the removed file sees that it is no longer the one at the path and locks the new one."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._handle = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (waiting for it, or False at once when another holds it and not `blocking`)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                handle.close()
+                return False
+            if _is_file_at(handle, self.path):
+                self._handle = handle
+                return True
+            handle.close()  # its holder removed it while we waited: lock the file now at the path
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        try:
+            self.path.unlink(missing_ok=True)  # still holding it: no one else holds this file
+        finally:
+            handle.close()  # closing drops the lock
+
+    def held(self) -> bool:
+        """Whether someone holds the lock now; takes nothing and creates nothing (a stale file is removed)."""
+        try:
+            handle = open(self.path)
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            if _is_file_at(handle, self.path):
+                self.path.unlink(missing_ok=True)  # left by a holder that died
+            return False
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _is_file_at(handle, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False

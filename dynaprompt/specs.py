@@ -60,6 +60,29 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class CheckConfig:
+    """The `check:` block: the assumptions of `dynaprompt check`'s cost estimate."""
+
+    tflops_per_second: float | None = None  # effective throughput measured on your GPU (benchmarks/gpu.sh); null:
+    #   TPT's yardstick below, converted at this model's size
+    yardstick_seconds_per_sample: float = 0.25  # TPT (Shu et al. 2022): 0.25 s per ImageNet-A sample, one A5000
+    assumed_selected: float = 3.0  # DynaPrompt's prompts stepped per sample where no finished run measured it
+
+    def describe(self) -> str:
+        if self.tflops_per_second:
+            return "the measured throughput in check.tflops_per_second"
+        return f"TPT's {self.yardstick_seconds_per_sample:g} s per ImageNet-A sample on one A5000"
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """The `validate:` block."""
+
+    known_split_sizes: bool = True  # check each paper dataset's known test-split size; false only to rehearse on
+    #   synthetic trees (bin/rehearse): the report then says the check was relaxed
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """One `datasets:` entry: the adapter's kind and options, and what the dataset sets for its runs."""
 
@@ -234,6 +257,8 @@ class Settings:
     tuning: TuningConfig = field(default_factory=TuningConfig)
     run: RunConfig = field(default_factory=RunConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     datasets: dict = field(default_factory=dict)
     mixtures: dict = field(default_factory=dict)
     methods: dict = field(default_factory=dict)  # declared and derived (ablation, calibration) methods

@@ -7,6 +7,14 @@ The second command registers the deployment and serves it. Each scheduled run is
 `python -m flows.sweep --add-orderings K` (K = sweep.schedule.add_orderings): it draws K new orderings of each
 order-dependent kind for the (dataset, method) pairs whose interval is still wider than
 sweep.schedule.target_half_width, and does nothing once every pair is on target.
+
+At most one run of the deployment at a time (Prefect's deployment concurrency limit): a run that comes due while
+the previous one still runs is cancelled (CANCEL_NEW, "Deployment concurrency limit reached"), not queued. A
+skipped tick loses nothing (the next run draws from the intervals as they are then); a queue (ENQUEUE) would grow
+for as long as runs outlast the interval and then run its backlog back to back. The slot is a lease the running
+flow renews, so a killed run frees it within the lease (5 minutes). Runs started by hand (`python -m flows.sweep
+--add-orderings K`) are not runs of the deployment; their overlap with a scheduled one is made safe by the sweep's
+own locks (flows.sweep).
 """
 from __future__ import annotations
 
@@ -14,9 +22,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
 import flows  # noqa: F401  (offline Prefect defaults)
 from dynaprompt.config import load_settings
 from flows.sweep import sweep
+
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
 def build_deployment(params_file: str = "params.yaml"):
@@ -31,6 +43,7 @@ def build_deployment(params_file: str = "params.yaml"):
         description=(f"Sample-order robustness: {schedule.add_orderings} new orderings per kind per run until every "
                      f"95% interval is within +-{schedule.target_half_width:g}"),
         tags=["dynaprompt", "robustness"],
+        concurrency_limit=ONE_AT_A_TIME,
     )
 
 

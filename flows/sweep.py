@@ -9,6 +9,11 @@ recomputing anything; order-independent methods compute once per dataset and are
 With --add-orderings it first finishes orderings a killed scheduled sweep left pending, then draws new ones
 (seeds no ordering used) for the (dataset, method) pairs whose interval is still wider than
 `sweep.schedule.target_half_width`, runs them, and marks them complete; with every pair on target it does nothing.
+
+Two sweeps may share a results folder at once (a scheduled run that outlasts its interval, a run by hand next to
+a scheduled one): each holds its liveness lock for its whole life, so neither takes over the other's pending
+orderings; a run both plan is computed by one while the other waits and reuses it (tasks.runs); each result is
+logged to MLflow once (tasks.tracking).
 """
 from __future__ import annotations
 
@@ -79,70 +84,94 @@ def sweep(params_file: str = "params.yaml", add_orderings: int = 0) -> dict:
     settings = load_settings(params_path)
     layout = ResultsLayout(settings.path("results"))
     sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    registry = OrderingRegistry(layout.orderings_registry)
-    added = []
-    if add_orderings:
-        added = draw_orderings(settings, layout, add_orderings, sweep_id)
-        if not added:
-            print("sweep: every (dataset, method) interval is within sweep.schedule.target_half_width; "
-                  "nothing to add")
-            return {"runs": 0, "computed": 0, "reused": 0, "added": []}
-        clear_caches()  # the run tasks must see the new registry entries
-        settings = with_registered(settings, registry.entries())
-        plan = [(key, "added") for entry in added for key in entry_runs(settings, entry)]
-    else:
-        plan = expand_plan(settings)
-        layout.write_plan(plan)
-
-    tracker = SweepTracker(settings.base_dir / settings.mlflow.db, settings.base_dir / settings.mlflow.artifacts,
-                           settings.mlflow.experiment)
-    description = (f"{len(plan)} runs of {params_path.name}"
-                   + (f", new orderings {', '.join(e.name for e in added)}" if added else ", the params' plan"))
-    tracker.start_sweep(f"sweep {sweep_id}", sweep_id, {
-        "params_file": str(params_path), "runs": len(plan), "runner": settings.sweep.runner,
-        "workers": settings.sweep.workers, "added_orderings": ",".join(e.name for e in added) or "none",
-        "model.arch": settings.model.arch, "model.pretrained": settings.model.pretrained,
-    }, description)
-    layout.write_sweep_record({"sweep_id": sweep_id, "mlflow_run_id": tracker.parent_id})
-    futures, by_key = {}, {}
-    for key, wait_for in submission_order(plan, settings):
-        future = run_task.submit(str(params_path), key.dataset, key.method, key.cell,
-                                 wait_for=[by_key[wait_for]] if wait_for else None)
-        futures[future], by_key[key] = key, future
-
-    failed, computed, reused, start = {}, 0, 0, time.perf_counter()
-    for done, future in enumerate(as_completed(list(futures)), start=1):
-        key = futures[future]
-        try:
-            outcome = future.result()
-        except Exception as error:  # noqa: BLE001 -- a failed run is reported, the others go on
-            failed[key] = f"{key.label}: {error}"
-            print(f"[{done}/{len(plan)}] {key.label} FAILED: {error}", flush=True)
-            continue
-        summary = outcome["summary"]
-        if outcome["reused"]:
-            reused += 1
+    with layout.sweep_lock(sweep_id):  # held while this sweep lives: its pending orderings stay its own
+        registry = OrderingRegistry(layout.orderings_registry)
+        added = []
+        if add_orderings:
+            added = draw_orderings(settings, layout, add_orderings, sweep_id)
+            if not added:
+                print("sweep: every (dataset, method) interval is within sweep.schedule.target_half_width; "
+                      "nothing to add")
+                return {"runs": 0, "computed": 0, "reused": 0, "added": []}
+            clear_caches()  # the run tasks must see the new registry entries
+            settings = with_registered(settings, registry.entries())
+            plan = [(key, "added") for entry in added for key in entry_runs(settings, entry)]
         else:
-            computed += 1
-            tracker.log_run(summary, Path(outcome["records"]), Path(outcome["records"]).with_suffix(".json"))
-        how = "reused" if outcome["reused"] else f"{summary['wall_seconds']:.1f}s"
-        print(f"[{done}/{len(plan)}] {key.label} accuracy={summary['accuracy']:.4f} ({how})", flush=True)
+            plan = expand_plan(settings)
+            with layout.lock():  # another sweep may be rewriting the folder's shared files
+                layout.write_plan(plan)
 
-    layout.write_runs_table(layout.summaries())
-    if added:
-        registry.complete([e.name for e in added if not any(k in failed for k in entry_runs(settings, e))])
-    seconds = time.perf_counter() - start
-    tracker.end_sweep("FAILED" if failed else "FINISHED", {
-        "runs": len(plan), "computed": computed, "reused": reused, "failed": len(failed), "seconds": seconds,
-        **mean_accuracy_metrics(layout, plan)})
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(plan)} runs failed (finished runs are kept):\n"
-                           + "\n".join(failed.values()))
-    print(f"sweep {sweep_id}: {len(plan)} runs ({computed} computed, {reused} reused) in {seconds:.0f}s "
-          f"-> {layout.root}\nMLflow: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
-          f"--port 5000 --workers 1, then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
-          "?workflowType=machine_learning")
-    return {"runs": len(plan), "computed": computed, "reused": reused, "added": [e.name for e in added]}
+        tracker = SweepTracker(settings.base_dir / settings.mlflow.db,
+                               settings.base_dir / settings.mlflow.artifacts, settings.mlflow.experiment)
+        description = (f"{len(plan)} runs of {params_path.name}"
+                       + (f", new orderings {', '.join(e.name for e in added)}" if added else ", the params' plan"))
+        tracker.start_sweep(f"sweep {sweep_id}", sweep_id, {
+            "params_file": str(params_path), "runs": len(plan), "runner": settings.sweep.runner,
+            "workers": settings.sweep.workers, "added_orderings": ",".join(e.name for e in added) or "none",
+            "model.arch": settings.model.arch, "model.pretrained": settings.model.pretrained,
+        }, description)
+        with layout.lock():
+            layout.write_sweep_record({"sweep_id": sweep_id, "mlflow_run_id": tracker.parent_id})
+        print_estimate(settings)
+        futures, by_key = {}, {}
+        for key, wait_for in submission_order(plan, settings):
+            future = run_task.submit(str(params_path), key.dataset, key.method, key.cell,
+                                     wait_for=[by_key[wait_for]] if wait_for else None)
+            futures[future], by_key[key] = key, future
+
+        failed, computed, reused, start = {}, 0, 0, time.perf_counter()
+        for done, future in enumerate(as_completed(list(futures)), start=1):
+            key = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as error:  # noqa: BLE001 -- a failed run is reported, the others go on
+                failed[key] = f"{key.label}: {error}"
+                print(f"[{done}/{len(plan)}] {key.label} FAILED: {error}", flush=True)
+                continue
+            summary = outcome["summary"]
+            if outcome["reused"]:
+                reused += 1
+            else:
+                computed += 1
+                tracker.log_run(summary, Path(outcome["records"]), Path(outcome["records"]).with_suffix(".json"))
+            how = "reused" if outcome["reused"] else f"{summary['wall_seconds']:.1f}s"
+            print(f"[{done}/{len(plan)}] {key.label} accuracy={summary['accuracy']:.4f} ({how})", flush=True)
+
+        with layout.lock():  # the last sweep to end writes every run finished by then
+            layout.write_runs_table(layout.summaries())
+        if added:
+            registry.complete([e.name for e in added if not any(k in failed for k in entry_runs(settings, e))])
+        seconds = time.perf_counter() - start
+        tracker.end_sweep("FAILED" if failed else "FINISHED", {
+            "runs": len(plan), "computed": computed, "reused": reused, "failed": len(failed), "seconds": seconds,
+            **mean_accuracy_metrics(layout, plan)})
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(plan)} runs failed (finished runs are kept):\n"
+                               + "\n".join(failed.values()))
+        print(f"sweep {sweep_id}: {len(plan)} runs ({computed} computed, {reused} reused) in {seconds:.0f}s "
+              f"-> {layout.root}\nMLflow: mlflow ui --backend-store-uri {tracker.uri} --host 127.0.0.1 "
+              f"--port 5000 --workers 1, then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+              "?workflowType=machine_learning")
+        return {"runs": len(plan), "computed": computed, "reused": reused, "added": [e.name for e in added]}
+
+
+def print_estimate(settings: Settings) -> None:
+    """`dynaprompt check`'s cost estimate of the plan, before the first run starts (never stops the sweep)."""
+    from dynaprompt import check
+
+    try:
+        reports = check.check_datasets(settings, [d for d in settings.datasets if used(settings, d)])
+        work = check.estimate(settings, reports, check.measured_selection(settings))
+    except Exception as error:  # noqa: BLE001 -- an estimate is advice: the sweep goes on without it
+        print(f"sweep: no cost estimate ({error})", flush=True)
+        return
+    print(f"sweep: {check.summary_line(work)}", flush=True)
+
+
+def used(settings: Settings, dataset: str) -> bool:
+    from dynaprompt.plan import needed_views
+
+    return bool(needed_views(settings, dataset))
 
 
 def entry_runs(settings: Settings, entry) -> list:

@@ -49,7 +49,10 @@ def setup_section(doc: Document, results: Results, config: Settings, metrics: di
             f"weights `{config.model.pretrained}`. Accuracy per block of {config.run.block_size} samples along "
             f"each stream. Orderings: " + "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ". Computed on: "
             + "; ".join(f"{d} ({name}): {n} runs" for (d, name), n in devices.items())
-            + " (a GPU's records can differ from a CPU's in the last bits).",
+            + " (a GPU's records can differ from a CPU's in the last bits)."
+            + ("" if config.validate.known_split_sizes else
+               " **The known test-split sizes were not checked** (`validate.known_split_sizes: false`, as for a "
+               "rehearsal on synthetic trees): these streams are not the paper's test sets."),
             table(datasets), table(methods))
 
 
@@ -282,19 +285,31 @@ def draw(results: Results, metrics: dict, config: Settings, reports_dir: Path) -
         plots / "buffer_size.csv", index=False)
 
 
+MEMORY_LABELS = {  # method kind -> what its records' buffer_size counts, what its `selected` lists, how often
+    "dynaprompt": {"unit": "prompts in buffer", "selected": "prompt id (selected)", "count": "times selected"},
+    "boostadapter": {"unit": "cache entries\n(historical + negative)", "selected": "boosting view (view index)",
+                     "count": "times a boosting view"},
+    "tda": {"unit": "cache entries"}, "tca": {"unit": "cache entries"}, "dpe": {"unit": "cache entries"},
+    "dmn": {"unit": "memory slots"}, "ecalp": {"unit": "graph nodes"},
+}
+OTHER_MEMORY = {"unit": "entries in memory", "selected": "entry id (selected)", "count": "times selected"}
+
+
 def buffer_panels(results: Results, main: pd.DataFrame, limit: int) -> list[dict]:
-    """Runs with a memory for the buffer figure: cyclic ones first, then one ordering per dataset and method."""
+    """Runs with a memory for the buffer figure: one per method (its first cyclic run, else its first), in the
+    report's method order, then further runs (cyclic first) up to `limit`; each labelled by its kind's memory."""
     has_memory = [r for r in main.itertuples(index=False)
                   if results.records_of(r.dataset, r.method, r.cell)["appended"].map(len).any()]
-    ordered = [r for r in has_memory if r.ordering_kind == "cyclic"]
-    seen = {(r.dataset, r.method) for r in ordered}
+    has_memory.sort(key=lambda r: r.ordering_kind != "cyclic")  # stable: plan order within each group
+    rank = {m: i for i, m in enumerate(results.order("method", main))}
+    first = {}
     for r in has_memory:
-        if (r.dataset, r.method) not in seen:
-            ordered.append(r)
-            seen.add((r.dataset, r.method))
+        first.setdefault(r.method, r)
+    chosen = sorted(first.values(), key=lambda r: rank.get(r.method, len(rank)))
+    taken = {id(r) for r in chosen}
+    chosen += [r for r in has_memory if id(r) not in taken][: max(limit - len(chosen), 0)]
     return [{"title": r.run, "records": results.records_of(r.dataset, r.method, r.cell),
-             "unit": "prompts in buffer" if r.method_kind == "dynaprompt" else "entries in memory"}
-            for r in ordered[:limit]]
+             **MEMORY_LABELS.get(r.method_kind, OTHER_MEMORY)} for r in chosen]
 
 
 # ---------------------------------------------------------------- the stage

@@ -22,3 +22,6 @@ def configure_environment() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    from dynaprompt.determinism import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before prefect or mlflow import torch: the same CPU kernels in every worker

@@ -53,23 +53,29 @@ def pairs_above_target(layout: ResultsLayout, settings: Settings) -> dict:
 
 def draw_orderings(settings: Settings, layout: ResultsLayout, per_kind: int, sweep_id: str
                    ) -> list[RegisteredOrdering]:
-    """The orderings this scheduled sweep runs: those a killed sweep left pending, then `per_kind` new ones of
-    each kind for the pairs still above a target (none once every pair is on target, or at the cap), each under
-    every seed of the main grid: new (ordering, seed) cells, the seeds recorded with the ordering."""
+    """The orderings this scheduled sweep runs: those a dead sweep left pending (a live sweep's stay its own), then
+    `per_kind` new ones of each kind for the pairs still above a target (none once every pair is on target, or at
+    the cap), each under every seed of the main grid: new (ordering, seed) cells, the seeds recorded with the
+    ordering. The caller holds its sweep lock (`layout.sweep_lock(sweep_id)`); all of this holds the registry's
+    lock, so a second sweep drawing at once draws after this one, other seeds."""
     registry = OrderingRegistry(layout.orderings_registry)
-    chosen = registry.pending()
-    above = pairs_above_target(layout, settings)
-    template = {o.kind: dict(o.options) for o in settings.orderings.values()}  # e.g. the cyclic block size
-    for kind in ADDED_KINDS:
-        runs = [(d, m) for d, m in above if pairs(settings, d, kind)]
-        existing = sum(1 for o in settings.orderings.values() if o.kind == kind)
-        existing += sum(1 for e in registry.entries() if e.kind == kind)
-        room = max(0, settings.sweep.schedule.max_orderings - existing)
-        if not runs:
-            continue
-        for _ in range(min(per_kind, room)):
-            options = {k: v for k, v in template.get(kind, {}).items() if k != "seed"}
-            seeds = [settings.views.view_seed if s is None else s for s in view_seeds(settings)]
-            chosen.append(registry.draw(settings, kind, runs, sweep_id, options, seeds=seeds))
+    with registry.lock():
+        chosen = registry.claim_pending(sweep_id, alive=lambda owner: layout.sweep_lock(owner).held())
+        for entry in registry.pending():
+            if entry.holder != sweep_id:
+                print(f"sweep: {entry.name} is pending in sweep {entry.holder} (pid {entry.pid} on {entry.host}), "
+                      "which is still running; left to it", flush=True)
+        above = pairs_above_target(layout, settings)
+        template = {o.kind: dict(o.options) for o in settings.orderings.values()}  # e.g. the cyclic block size
+        for kind in ADDED_KINDS:
+            runs = [(d, m) for d, m in above if pairs(settings, d, kind)]
+            existing = sum(1 for o in settings.orderings.values() if o.kind == kind)
+            existing += sum(1 for e in registry.entries() if e.kind == kind)
+            room = max(0, settings.sweep.schedule.max_orderings - existing)
+            if not runs:
+                continue
+            for _ in range(min(per_kind, room)):
+                options = {k: v for k, v in template.get(kind, {}).items() if k != "seed"}
+                seeds = [settings.views.view_seed if s is None else s for s in view_seeds(settings)]
+                chosen.append(registry.draw(settings, kind, runs, sweep_id, options, seeds=seeds))
     return chosen
-

@@ -1,6 +1,13 @@
-"""The run task: one (dataset, method, ordering) through the library's one executor, skipped when already done."""
+"""The run task: one (dataset, method, ordering) through the library's one executor, skipped when already done.
+
+Two sweeps on one results folder may plan the same run: the task holds the run's lock (`ResultsLayout.lock`, a
+file next to its records) while the executor checks, computes and stores it, so the second waits, then finds it
+finished with the same fingerprint and reuses it. An order-independent method's shared manifest-order run, which
+every ordering of it reorders, is locked first, for the same reason.
+"""
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from functools import lru_cache
 
@@ -9,7 +16,7 @@ from prefect import task
 from dynaprompt.config import load_settings
 from dynaprompt.model import load_clip
 from dynaprompt.registry import OrderingRegistry, with_registered
-from dynaprompt.resolve import resolve
+from dynaprompt.resolve import ResolvedRun, resolve
 from dynaprompt.results import ResultsLayout, RunKey
 from dynaprompt.runner import RunFailed, store_run
 
@@ -46,9 +53,25 @@ def run_task(params_file: str, dataset: str, method: str, cell: str) -> dict:
     whether it was reused from an earlier sweep."""
     settings, clip = run_settings(params_file), shared_clip(params_file)
     layout = ResultsLayout(settings.path("results"))
-    summary, reused = store_run(resolve(settings, RunKey.from_cell(dataset, method, cell), clip.weights), clip,
-                                layout)
+    run = resolve(settings, RunKey.from_cell(dataset, method, cell), clip.weights)
+    with computing(run, layout):
+        summary, reused = store_run(run, clip, layout)
     return {"summary": asdict(summary), "reused": reused, "records": str(layout.records(summary.key))}
+
+
+@contextmanager
+def computing(run: ResolvedRun, layout: ResultsLayout):
+    """Hold the run's lock (an order-independent method's shared run's first, always in that order): another
+    sweep computing it now is waited for."""
+    keys = ([run.shared().key] if run.order_independent else []) + [run.key]
+    with ExitStack() as held:
+        for key in keys:
+            lock = layout.lock(key)
+            if not lock.acquire(blocking=False):
+                print(f"{run.label}: another sweep is computing {key.label}; waiting for it", flush=True)
+                lock.acquire()
+            held.callback(lock.release)
+        yield
 
 
 def clear_caches() -> None:

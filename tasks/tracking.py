@@ -9,6 +9,11 @@ What a researcher sees in the UI:
 - the block metric is `accuracy_block<N>` (N = samples per block), one step per block, timestamped when the
   block's last sample finished;
 - the parent holds per-method summary metrics; the report stage adds the report to it.
+
+Two sweeps may write to one sqlite store at once: every tracker's store access holds an OS lock on `<db>.lock`,
+so the first open of a fresh database (MLflow creates its schema then, and two processes creating it at once
+collide) happens once, and a result is logged once: right before logging, under that lock, the store is asked
+again whether its fingerprint is already there (another sweep may have logged it since this one started).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from dynaprompt.results import FileLock
 from tasks.environment import PROJECT_ROOT, configure_environment
 
 configure_environment()
@@ -49,6 +55,12 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def store_lock(db_file: Path) -> FileLock:
+    """The lock every tracker holds while it reads or writes the store at `db_file`."""
+    db_file = Path(db_file).resolve()
+    return FileLock(db_file.with_name(db_file.name + ".lock"))
+
+
 def block_metric_name(block_size: int) -> str:
     return f"accuracy_block{block_size}"
 
@@ -59,15 +71,17 @@ class SweepTracker:
     def __init__(self, db_file: Path, artifacts: Path, experiment: str):
         Path(db_file).parent.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri(db_file)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=Path(artifacts).resolve().as_uri())
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+        self.store_lock = store_lock(db_file)
+        with self.store_lock:  # MLflow creates a fresh database's schema here, and the experiment if missing
+            self.client = MlflowClient(tracking_uri=self.uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=Path(artifacts).resolve().as_uri())
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+            self.logged = self.logged_fingerprints()
         self.parent_id: str | None = None
         self.common_tags: dict = {}
-        self.logged = self.logged_fingerprints()
 
     def logged_fingerprints(self) -> dict:
         """fingerprint -> run id of every run result already in the store."""
@@ -75,22 +89,38 @@ class SweepTracker:
                                        max_results=50000)
         return {run.data.tags["fingerprint"]: run.info.run_id for run in runs}
 
+    def logged_run(self, fingerprint: str) -> str | None:
+        """The run already standing for `fingerprint`, seen by this tracker or, since it started, logged by another
+        sweep's (the caller holds the store lock)."""
+        if fingerprint not in self.logged:
+            found = self.client.search_runs([self.experiment_id], filter_string=f"tags.fingerprint = '{fingerprint}'",
+                                            max_results=1)
+            if found:
+                self.logged[fingerprint] = found[0].info.run_id
+        return self.logged.get(fingerprint)
+
     def start_sweep(self, name: str, sweep_id: str, params: dict, description: str) -> str:
         self.common_tags = {"sweep_id": sweep_id, "mlflow.user": getpass.getuser(),
                             "mlflow.source.name": "flows/sweep.py", "mlflow.source.type": "LOCAL"}
         commit = git_commit()
         if commit:
             self.common_tags["mlflow.source.git.commit"] = commit
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**self.common_tags, "kind": "sweep", "mlflow.note.content": description})
-        self.parent_id = run.info.run_id
-        self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        with self.store_lock:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={
+                **self.common_tags, "kind": "sweep", "mlflow.note.content": description})
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return self.parent_id
 
     def log_run(self, summary: dict, records_file: Path, summary_file: Path) -> str | None:
-        """A child run for a computed result; None (nothing logged) when its fingerprint is already in the store."""
-        if summary["fingerprint"] in self.logged:
-            return None
+        """A child run for a computed result; None (nothing logged) when its fingerprint is already in the store,
+        checked again right before logging (under the store lock, so two sweeps never both log it)."""
+        with self.store_lock:
+            if self.logged_run(summary["fingerprint"]) is not None:
+                return None
+            return self._log_child(summary, records_file, summary_file)
+
+    def _log_child(self, summary: dict, records_file: Path, summary_file: Path) -> str:
         cell = summary["ordering"] if summary.get("seed") is None else f"{summary['ordering']}~seed{summary['seed']}"
         name = f"{summary['dataset']}/{summary['method']}/{cell}"
         device = summary.get("device_info") or {}
@@ -134,13 +164,15 @@ class SweepTracker:
 
     def end_sweep(self, status: str, metrics: dict) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        self.client.set_terminated(self.parent_id, status=status)
+        with self.store_lock:
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            self.client.set_terminated(self.parent_id, status=status)
 
 
 def attach_report(db_file: Path, experiment: str, sweep_run_id: str, files: list[Path]) -> None:
     """The report's files as artifacts of the sweep's parent run (called by the report stage)."""
-    client = MlflowClient(tracking_uri=tracking_uri(db_file))
+    with store_lock(db_file):
+        client = MlflowClient(tracking_uri=tracking_uri(db_file))
     for file in files:
         client.log_artifact(sweep_run_id, str(file), artifact_path="report")
 

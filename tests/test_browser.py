@@ -1,9 +1,12 @@
-"""The web surfaces in a real browser: the MLflow UI as the README starts it, and the self-contained report.
+"""The web surfaces in a real browser: the MLflow UI as the README starts it (`dynaprompt ui`), and the
+self-contained report.
 
 Debian's chromium (bin/setup installs it) driven by the playwright package; `playwright install` is never run.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -25,15 +28,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")
-def browser():
+def driver():
+    """Playwright, for Debian's chromium."""
     if not os.path.exists(CHROMIUM):
         pytest.fail("chromium is not installed (bin/setup installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def browser(driver):
+    launched = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+    yield launched
+    launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +57,17 @@ def swept(prefect_server, image_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_ui(swept):
-    """`mlflow ui` started as the README says, on a free loopback port."""
-    root, _, _ = swept
+def dynaprompt_ui(swept):
+    """`dynaprompt ui` as the README starts it, on a free loopback port: its base URL and what it printed."""
+    _, params, _ = swept
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    server = subprocess.Popen([sys.executable, "-m", "dynaprompt.cli", "ui", "--params", str(params), "--port",
+                               str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.time() + 180
+    while time.time() < deadline and server.poll() is None:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)
             break
@@ -67,10 +75,17 @@ def mlflow_ui(swept):
             time.sleep(1)
     else:
         os.killpg(server.pid, signal.SIGTERM)
-        pytest.fail("mlflow ui did not start")
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+        pytest.fail(f"dynaprompt ui did not start: {server.communicate(timeout=60)[1]}")
+    printed = server.stdout.readline()
+    yield url, printed
+    os.killpg(server.pid, signal.SIGTERM)  # it stops mlflow ui (its own process group) on the way out
+    assert server.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(dynaprompt_ui):
+    """The MLflow UI's base URL (behind `dynaprompt ui`'s front)."""
+    return dynaprompt_ui[0]
 
 
 def api(url: str, path: str, body: dict) -> dict:
@@ -86,11 +101,40 @@ def experiment_id(url: str) -> str:
 
 
 def runs_link(url: str, experiment: str) -> str:
-    """The link the README gives: the experiment's runs, in MLflow's model-training view."""
+    """The link `dynaprompt ui` prints: the experiment's runs, in MLflow's model-training view."""
     return f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
-def test_the_readme_link_opens_the_experiment_on_its_runs_with_children_nested(browser, mlflow_ui, swept):
+def test_the_root_page_opens_the_experiments_runs_in_a_fresh_browser(driver, dynaprompt_ui, swept, tmp_path):
+    """The URL anyone would type, in a browser profile that never saw MLflow: the runs at once, not the GenAI
+    overview; unfolding the sweep (a click in the runs table) shows its children as dataset/method/ordering."""
+    url, printed = dynaprompt_ui
+    experiment = experiment_id(url)
+    assert f"{runs_link(url, experiment)}\n" in printed  # the link `dynaprompt ui` prints
+    names = sorted(run["info"]["run_name"] for run in api(url, "runs/search", {
+        "experiment_ids": [experiment], "filter": "tags.kind = 'run'", "max_results": 100})["runs"])
+    assert len(names) == swept[2]["runs"] and all(re.fullmatch(r"toy-a/[a-z_]+/[a-z]+-\d+", n) for n in names)
+    context = driver.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                        args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000})
+    try:
+        page = context.pages[0] if context.pages else context.new_page()
+        page.goto(f"{url}/")
+        page.get_by_role("heading", name="Runs").wait_for(timeout=60000)
+        assert f"#/experiments/{experiment}/runs" in page.url and "workflowType=machine_learning" in page.url
+        assert page.get_by_text("Traces 0").count() == 0
+        page.get_by_text(re.compile(r"^sweep \d{8}-\d{6}")).first.wait_for(timeout=30000)  # the parent's row
+        page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # unfold the sweep
+        for name in names:
+            page.get_by_text(name, exact=True).first.wait_for(timeout=30000)
+        # a link into the app keeps its route: only a URL without one lands on the runs
+        page.goto(f"{url}/#/experiments")
+        page.get_by_role("link", name="test", exact=True).first.wait_for(timeout=60000)
+        assert "#/experiments" in page.url and "/runs" not in page.url
+    finally:
+        context.close()
+
+
+def test_the_printed_link_opens_the_experiment_on_its_runs_with_children_nested(browser, mlflow_ui, swept):
     _, _, outcome = swept
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.goto(runs_link(mlflow_ui, experiment_id(mlflow_ui)))
@@ -181,6 +225,38 @@ def test_the_report_loads_whole_and_offline(browser, tmp_path):
     assert all(alt and not alt.startswith("figures/") for alt in alts), alts
     assert errors == [] and failed == [] and external == []
     page.close()
+
+
+def test_every_figure_of_the_report_reads_at_a_1280_px_window(browser, tmp_path):
+    """Shown at 1280 px, no figure is scaled up (blur) and none so far down that its smallest text (which the
+    PNG records, at the dpi it records) falls below 9 pt, i.e. 12 CSS px."""
+    from PIL import Image
+
+    from dynaprompt.config import settings_from_params
+    from stages.report import build_report
+    from stages.reporting.figures import MIN_FONT_KEY
+
+    from .test_report import params as report_params
+    from .test_report import write_results
+
+    write_results(tmp_path)
+    build_report(settings_from_params(report_params(tmp_path)))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((tmp_path / "reports" / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    shown = page.locator("img").evaluate_all("els => els.map(e => ({alt: e.alt.slice(0, 40), src: e.src, "
+                                             "natural: e.naturalWidth, width: e.getBoundingClientRect().width, "
+                                             "column: e.parentElement.getBoundingClientRect().width}))")
+    page.close()
+    assert len(shown) >= 8
+    for figure in shown:
+        with Image.open(io.BytesIO(base64.b64decode(figure["src"].split(",", 1)[1]))) as png:
+            smallest, dpi = float(png.info.get(MIN_FONT_KEY, 0)), png.info["dpi"][0]
+        scale = figure["width"] / figure["natural"]
+        text_px = smallest * dpi / 72 * scale
+        assert scale <= 1.0 + 1e-6, figure["alt"]  # drawn at least as wide as it is shown
+        assert figure["width"] <= figure["column"] + 0.5, figure["alt"]
+        assert text_px >= 12.0, (figure["alt"], smallest, round(scale, 3), round(text_px, 1))
 
 
 def test_dvc_plots_render_offline_from_the_plot_data(browser, tmp_path):

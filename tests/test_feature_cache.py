@@ -86,3 +86,27 @@ def test_mapped_rows_read_one_row_at_a_time(tmp_path):
     for index in (3, 0, 4):
         assert torch.equal(rows[index], torch.from_numpy(data[index]))
     assert json.loads(json.dumps(rows.shape)) == [5, 3, 4]
+
+
+def test_reading_every_row_keeps_the_mapped_file_out_of_resident_memory(tmp_path):
+    """A run touches its rows and lets them go: RssFile stays flat over a whole pass (in a subprocess)."""
+    import subprocess
+    import sys
+
+    rows = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype="float16", shape=(1000, 64, 512))
+    rows[:] = 1
+    rows.flush()
+    del rows
+    code = f"""
+import numpy as np
+from dynaprompt.features import MappedRows
+def rss_file():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssFile"))
+rows = MappedRows({str(tmp_path / "f.npy")!r})
+before = rss_file()
+for i in np.random.default_rng(0).permutation(1000):
+    rows[int(i)]
+print(rss_file() - before)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) < 8 * 1024  # KiB; the file is 64 MiB

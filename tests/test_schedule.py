@@ -1,6 +1,7 @@
 """Scheduled robustness sweeps add new orderings until the intervals are tight, and log only what they compute."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 
 from dynaprompt.config import load_settings
 from dynaprompt.registry import OrderingRegistry
-from dynaprompt.results import ResultsLayout
+from dynaprompt.results import ResultsLayout, RunKey
 
 from .conftest import ROOT, sweep_params
 
@@ -29,10 +30,10 @@ def registry(tmp_path):
     return OrderingRegistry(ResultsLayout(tmp_path / "results").orderings_registry).entries()
 
 
-def child_runs(tmp_path):
+def child_runs(tmp_path, db="mlflow.db"):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / db}")
     found = mlflow.search_runs(experiment_names=["test"], output_format="pandas")
     return found[found["tags.mlflow.parentRunId"].notna()], found[found["tags.mlflow.parentRunId"].isna()]
 
@@ -151,3 +152,172 @@ def test_a_scheduled_run_adds_cells_under_every_seed_of_the_grid(prefect_server,
     cells = {(s.method, s.ordering, s.view_seed) for s in layout.summaries()} - base
     assert cells == {("online_tpt", name, seed) for name in added for seed in (0, 3)}
     assert all((layout.root / "runs" / "toy-a" / "online_tpt" / f"{name}~seed3.parquet").is_file() for name in added)
+
+
+def test_a_live_sweeps_pending_orderings_are_left_to_it_and_a_dead_ones_taken_over(tmp_path, image_root):
+    settings = load_settings(scheduled_params(image_root, tmp_path))
+    layout = ResultsLayout(tmp_path / "results")
+    reg = OrderingRegistry(layout.orderings_registry)
+    alive = lambda sweep_id: layout.sweep_lock(sweep_id).held()  # what a scheduled sweep asks
+    # "dead": a sweep process that held its lock and was killed -9 (the kernel drops its lock, the file stays)
+    dead_lock = layout.sweep_lock("dead")
+    dead_lock.path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(dead_lock.path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert alive("dead")
+    live = layout.sweep_lock("live")
+    live.acquire()  # "live": this process, still running its sweep
+    drawn = {owner: reg.draw(settings, "shuffle", [["toy-a", "online_tpt"]], owner).name
+             for owner in ("live", "dead", "gone")}  # "gone": ended with a failed run (its lock released)
+    holder.kill()
+    holder.wait()
+    assert not alive("dead") and dead_lock.path.exists() is False  # the stale lock file is removed when probed
+    new = layout.sweep_lock("new")
+    with new:
+        claimed = reg.claim_pending("new", alive)
+        assert sorted(e.name for e in claimed) == sorted([drawn["dead"], drawn["gone"]])
+        entries = {e.name: e for e in reg.entries()}
+        assert entries[drawn["live"]].owner == "live" and entries[drawn["live"]].status == "pending"
+        assert all(entries[drawn[o]].owner == "new" and entries[drawn[o]].sweep_id == o for o in ("dead", "gone"))
+        assert entries[drawn["dead"]].pid == os.getpid() and entries[drawn["dead"]].host
+        # a second sweep now finds them owned by a live sweep ("new") and leaves them, as it leaves "live"'s
+        assert reg.claim_pending("other", alive) == []
+    live.release()
+    assert [e.name for e in reg.claim_pending("other", alive)] == list(drawn.values())  # both ended: taken over
+    assert not list(layout.root.rglob("*.lock"))
+
+
+def test_a_run_being_computed_is_waited_for(tmp_path):
+    """The per-run lock: a second holder waits until the first releases it (across threads as across processes)."""
+    import threading
+
+    layout = ResultsLayout(tmp_path / "results")
+    key = RunKey("toy-a", "online_tpt", "shuffle-0")
+    first, events = layout.lock(key), []
+    first.acquire()
+    assert not layout.lock(key).acquire(blocking=False) and layout.lock(key).held()
+
+    def second():
+        with layout.lock(key):
+            events.append("second")
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.3)
+    events.append("first done")
+    first.release()
+    waiter.join(timeout=10)
+    assert events == ["first done", "second"] and not layout.lock(key).path.exists()
+
+
+COMPUTED = re.compile(r"^\[\d+/\d+\] (\S+) accuracy=\S+ \((?!reused\))", re.MULTILINE)
+
+
+def start_sweep(params, env, log_dir, extra):
+    """`python -m flows.sweep --params P <extra>` in the background, its output to a file."""
+    log = log_dir / f"sweep-{time.time_ns()}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "flows.sweep", "--params", str(params), *extra], cwd=ROOT,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, log
+
+
+def finish(process, log, timeout=600) -> str:
+    process.wait(timeout=timeout)
+    text = log.read_text()
+    assert process.returncode == 0, text[-3000:]
+    return text
+
+
+def sweeps_at_once(params, env, log_dir, *arguments) -> list[str]:
+    """One sweep per argument list, all started together; their outputs once all exited 0."""
+    started = [start_sweep(params, env, log_dir, extra) for extra in arguments]
+    return [finish(*one) for one in started]
+
+
+def wait_until(condition, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def a_sweep_waiting_on_a_run_while_another_starts(params, env, tmp_path) -> list[str]:
+    """Scheduled sweep A draws its orderings and is held up on one of its runs (the test holds that run's lock, as
+    a third sweep computing it would); scheduled sweep B starts and ends meanwhile. B must leave A's pending
+    orderings to A; A then finishes them."""
+    from tasks.evidence import pairs_above_target
+
+    settings, layout = load_settings(params), ResultsLayout(tmp_path / "results")
+    reg = OrderingRegistry(layout.orderings_registry)
+    shuffle = f"shuffle-{reg.next_seed(settings, 'shuffle')}"  # the name A will give its shuffle
+    held = [layout.lock(RunKey(d, m, shuffle)) for d, m in pairs_above_target(layout, settings)]
+    assert held and all(lock.acquire(blocking=False) for lock in held)
+    before = len(reg.entries())
+    a = start_sweep(params, env, tmp_path, ["--add-orderings", "1"])
+    wait_until(lambda: "waiting for it" in a[1].read_text(), "sweep A to wait on its held run")
+    mine = reg.entries()[before:]
+    assert mine and all(e.status == "pending" for e in mine)
+    b_output = finish(*start_sweep(params, env, tmp_path, ["--add-orderings", "1"]))
+    assert a[0].poll() is None and "which is still running; left to it" in b_output
+    entries = {e.name: e for e in reg.entries()}
+    assert all(entries[e.name].status == "pending" and entries[e.name].owner == e.sweep_id for e in mine)
+    for lock in held:
+        lock.release()
+    return [finish(*a), b_output]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mlflow_db", ["fresh", "existing"])
+def test_overlapping_sweeps_compute_and_log_each_run_once(real_prefect_server, image_root, tmp_path, mlflow_db):
+    """Sweeps overlapping on one results folder (two plain, two scheduled at once, a scheduled one started while
+    another waits on a run, a plain one next to a scheduled one): all exit 0, no sweep takes over another's pending
+    orderings, every run is computed once and logged once, on a new MLflow database each time or on one."""
+    params = sweep_params(image_root, tmp_path, datasets=["toy-a"], methods=["zero_shot", *ORDER_DEPENDENT],
+                          schedule={"name": "nightly", "cron": "15 2 * * *", "add_orderings": 1,
+                                    "target_half_width": 0.0001, "max_orderings": 10})
+    env = {**os.environ, "PREFECT_API_URL": real_prefect_server}
+    layout, db = ResultsLayout(tmp_path / "results"), "mlflow.db"
+    scheduled = ["--add-orderings", "1"]
+    stages = [lambda: sweeps_at_once(params, env, tmp_path, [], []),  # the fixed plan, twice at once
+              lambda: sweeps_at_once(params, env, tmp_path, scheduled, scheduled),
+              lambda: a_sweep_waiting_on_a_run_while_another_starts(params, env, tmp_path),
+              lambda: sweeps_at_once(params, env, tmp_path, [], scheduled)]
+    if mlflow_db == "fresh":
+        del stages[2]  # its sweeps do not open the database at the same moment
+    for index, stage in enumerate(stages):
+        if mlflow_db == "fresh":  # the stage's sweeps open a new database (MLflow creates its schema) at once
+            config, db = yaml.safe_load(params.read_text()), f"mlflow-{index}.db"
+            config["mlflow"]["db"] = str(tmp_path / db)
+            params.write_text(yaml.safe_dump(config))
+        computed = [label for output in stage() for label in COMPUTED.findall(output)]
+        assert len(computed) == len(set(computed))  # no run computed by both sweeps of the stage
+        children, parents = child_runs(tmp_path, db)
+        assert not children["tags.fingerprint"].duplicated().any()
+        # every computed result logged once (a run computed twice under one fingerprint would count twice here)
+        assert parents["metrics.computed"].sum() == len(children)
+        logged, summaries = set(children["tags.fingerprint"]), layout.summaries()
+        if mlflow_db == "fresh":
+            assert logged == {layout.read_summary(RunKey.from_cell(*label.split("/"))).fingerprint
+                              for label in computed}
+        else:  # (a code change by hand between stages recomputes runs: their earlier results stay logged)
+            assert {s.fingerprint for s in summaries} <= logged
+        # a scheduled sweep's parent names exactly the orderings it drew, and holds runs of those only
+        entries = registry(tmp_path)
+        for sweep_id, added in zip(parents["tags.sweep_id"], parents["params.added_orderings"]):
+            assert added == "none" or set(added.split(",")) == {e.name for e in entries if e.sweep_id == sweep_id}
+        added_by = dict(zip(parents["run_id"], parents["params.added_orderings"]))
+        for ordering, parent in zip(children["tags.ordering"], children["tags.mlflow.parentRunId"]):
+            assert added_by[parent] == "none" or ordering in added_by[parent].split(",")
+    entries = registry(tmp_path)
+    n_scheduled = 5 if mlflow_db == "existing" else 3
+    assert len({e.sweep_id for e in entries}) == n_scheduled  # each scheduled sweep drew one ordering per kind
+    assert sorted(e.kind for e in entries) == ["class_blocked"] * n_scheduled + ["shuffle"] * n_scheduled
+    assert len({e.name for e in entries}) == len({(e.kind, e.seed) for e in entries}) == len(entries)
+    assert all(e.status == "complete" and e.owner == e.sweep_id for e in entries)  # completed by who drew it
+    runs = pd.read_parquet(tmp_path / "results" / "runs.parquet")
+    assert not runs.duplicated(["dataset", "method", "ordering", "view_seed"]).any()
+    assert len(runs) == len(layout.summaries()) and {e.name for e in entries} <= set(runs["ordering"])
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.partial"))

@@ -150,7 +150,7 @@ def test_killed_sweep_resumes_without_recomputing_finished_runs(real_prefect_ser
 
 
 @pytest.mark.slow
-def test_scheduled_deployment_has_the_cron_and_parameters(real_prefect_server, image_root, tmp_path):
+def test_scheduled_deployment_has_the_cron_parameters_and_concurrency_limit(real_prefect_server, image_root, tmp_path):
     params = sweep_params(image_root, tmp_path)
     done = run_cli(["flows.schedule", "--params", str(params), "--register-only"],
                    {"PREFECT_API_URL": real_prefect_server}, timeout=120)
@@ -159,12 +159,14 @@ def test_scheduled_deployment_has_the_cron_and_parameters(real_prefect_server, i
         "from prefect.client.orchestration import get_client\n"
         "with get_client(sync_client=True) as c:\n"
         "    d = c.read_deployment_by_name('sweep/nightly')\n"
-        "    print(d.schedules[0].schedule.cron, d.parameters['params_file'], d.parameters['add_orderings'], sep='|')\n"
+        "    print(d.schedules[0].schedule.cron, d.parameters['params_file'], d.parameters['add_orderings'],\n"
+        "          d.global_concurrency_limit.limit, d.concurrency_options.collision_strategy.value, sep='|')\n"
     )
     read = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PREFECT_API_URL": real_prefect_server},
                           capture_output=True, text=True, timeout=60)
     assert read.returncode == 0, read.stderr[-3000:]
-    assert read.stdout.strip().split("|") == ["15 2 * * *", str(params.resolve()), "1"]
+    # one run at a time: a run that comes due while the last still runs is cancelled, not queued
+    assert read.stdout.strip().split("|") == ["15 2 * * *", str(params.resolve()), "1", "1", "CANCEL_NEW"]
 
 
 @pytest.mark.slow
@@ -221,3 +223,40 @@ def test_a_run_with_bad_numbers_fails_alone_and_the_others_are_kept(prefect_serv
     assert layout.read_summary(RunKey("toy-a", "dynaprompt", "shuffle-0")) is None  # not written as finished
     assert all(layout.read_summary(RunKey("toy-b", m, o)) is not None
                for m in ("tpt", "dynaprompt") for o in ("shuffle-0", "shuffle-1"))
+
+
+def test_two_sweeps_planning_one_run_compute_it_once(image_root, tmp_path, capsys):
+    """The run task holds the run's lock while it computes (an order-independent method's shared run's too): a
+    second task for the same run, as another sweep submits it, waits, then reuses the finished run."""
+    import threading
+
+    from dynaprompt.results import ResultsLayout, RunKey
+    from tasks.runs import run_task
+
+    params = str(sweep_params(image_root, tmp_path, datasets=["toy-a"], methods=["zero_shot", "online_tpt"]))
+    layout = ResultsLayout(tmp_path / "results")
+    key = RunKey("toy-a", "online_tpt", "shuffle-0")
+    gate = layout.lock(key)
+    gate.acquire()  # a third sweep is computing it
+    outcomes = {}
+
+    def task(name, method, cell):
+        outcomes[name] = run_task.fn(params, "toy-a", method, cell)
+
+    tasks = [threading.Thread(target=task, args=args) for args in (
+        ("a", "online_tpt", "shuffle-0"), ("b", "online_tpt", "shuffle-0"),
+        ("c", "zero_shot", "shuffle-0"), ("d", "zero_shot", "shuffle-1"))]
+    for thread in tasks:
+        thread.start()
+    time.sleep(1)
+    assert "a" not in outcomes and "b" not in outcomes and layout.read_summary(key) is None
+    gate.release()
+    for thread in tasks:
+        thread.join(timeout=120)
+    assert sorted(outcomes[n]["reused"] for n in "ab") == [False, True]
+    assert outcomes["a"]["summary"]["fingerprint"] == outcomes["b"]["summary"]["fingerprint"]
+    assert not outcomes["c"]["reused"] and not outcomes["d"]["reused"]
+    out = capsys.readouterr().out
+    assert out.count("toy-a/zero_shot/__shared__: on ") == 1  # the shared records computed once, reordered twice
+    assert out.count("toy-a/online_tpt/shuffle-0: on ") == 1 and "waiting for it" in out
+    assert not list(layout.root.rglob("*.lock"))

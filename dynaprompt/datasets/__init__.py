@@ -36,6 +36,17 @@ EXPECTED = {
     "ucf101": (3783, 101),
 }
 
+def expected_samples(spec, settings=None) -> int | None:
+    """How many samples a dataset must have, where that is known: `n_samples` of the bundled Fashion-MNIST streams,
+    the paper datasets' test splits (unless `validate.known_split_sizes` is off), or `expected_samples`."""
+    if spec.kind == "fashion_mnist":
+        return spec.options.get("n_samples")
+    known = settings is None or settings.validate.known_split_sizes
+    if known and spec.kind in EXPECTED and spec.options.get("split", "test") == "test":
+        return EXPECTED[spec.kind][0]
+    return spec.expected_samples
+
+
 def build_dataset(name: str, kind: str, options: dict, base_dir: str | Path = ".") -> ManifestDataset:
     """A dataset from its adapter kind and options, e.g. imagenet_a with {root: /data/imagenet-a}."""
     if kind not in ADAPTERS:
@@ -57,5 +68,5 @@ def open_dataset(name: str, kind: str, options: dict, prepared_root: str | Path 
 
 __all__ = [
     "ADAPTERS", "EXPECTED", "MANIFEST_COLUMNS", "DatasetNotFoundError", "ManifestDataset",
-    "build_dataset", "load_prepared", "open_dataset", "write_prepared",
+    "build_dataset", "expected_samples", "load_prepared", "open_dataset", "write_prepared",
 ]

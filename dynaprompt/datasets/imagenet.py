@@ -38,13 +38,18 @@ def imagenet(name: str, root) -> ManifestDataset:
     return folder_per_class(name, root, folders, list(range(1000)), imagenet_classnames())
 
 
+def subset_classnames(subset: str) -> list[str]:
+    """The class names of a 200-class subset ('imagenet_a', 'imagenet_r'), in label order."""
+    all_wnids = {wnid: i for i, wnid in enumerate(synsets("imagenet"))}
+    names = imagenet_classnames()
+    return [names[all_wnids[w]] for w in synsets(subset)]
+
+
 def _subset(name: str, root, subset: str) -> ManifestDataset:
     """A 200-class subset: labels index the subset, names are the 1000-class names of those wnids."""
     root = require_dir(name, Path(root))
-    all_wnids = {wnid: i for i, wnid in enumerate(synsets("imagenet"))}
     wnids = synsets(subset)
-    names = imagenet_classnames()
-    classnames = [names[all_wnids[w]] for w in wnids]
+    classnames = subset_classnames(subset)
     folders = _wnid_folders(name, root, wnids)
     return folder_per_class(name, root, folders, list(range(len(wnids))), classnames)
 

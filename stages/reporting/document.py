@@ -11,16 +11,20 @@ import pandas as pd
 
 FIGURES = {  # file -> what the figure shows (its alt text and caption)
     "accuracy_per_block.png": "Accuracy per block along the stream: line = mean over orderings, band = min-max.",
-    "accuracy_by_ordering_kind.png": "Accuracy per ordering kind: bars are means over the orderings of a kind, "
-                                     "dots single orderings.",
-    "order_vs_chance.png": "The spread of accuracy the order causes (SD between orderings) next to the spread "
-                           "drawing other samples would cause (binomial SE within a run).",
+    "accuracy_by_ordering_kind.png": "Accuracy per ordering kind, a row per dataset: bars are means over the "
+                                     "orderings of a kind, dots single orderings.",
+    "order_vs_chance.png": "Per dataset and method, the spread of accuracy the order causes (SD between "
+                           "orderings) next to the spread drawing other samples would cause (binomial SE within a "
+                           "run).",
     "order_vs_seed.png": "Per method and stream: SD of accuracy due to the ordering against SD due to the "
                          "augmentation seed (95% intervals); above the diagonal, the order moves accuracy more than "
                          "the seed does.",
-    "buffer_dynamics.png": "Memory over the stream: size and cumulative appends and deletions (left), entries "
-                           "selected at each position (middle), selections per entry (right); shaded spans "
-                           "are the domains of cyclic streams.",
+    "buffer_dynamics.png": "Memory over the stream, a row per method that keeps one: its size (DynaPrompt: "
+                           "prompts in the buffer; TDA, TCA, DPE: cache entries; BoostAdapter: historical and "
+                           "negative cache entries; DMN: memory slots; ECALP: graph nodes) with cumulative appends "
+                           "and deletions; where a method selects per sample, what it selected at each position "
+                           "(DynaPrompt: prompt ids; BoostAdapter: its boosting views, by view index) and how "
+                           "often; shaded spans are the domains of cyclic streams.",
     "calibration.png": "Accuracy gain over zero-shot against the learning rate on the calibration stream.",
     "ablation_buffer_size.png": "DynaPrompt's accuracy against its buffer size M (mean over orderings, 95% "
                                 "t-interval).",

@@ -1,4 +1,11 @@
-"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state)."""
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
+
+Sized for the page: report.html shows a figure at most as wide as its column (1150 px at a 1280 px window, about
+1000 px on a smaller screen), so a figure that spans the page is PAGE_WIDTH inches wide and no text is smaller
+than MIN_FONT points; then text reads at 9 pt or more wherever the column is 1000 px or wider, whatever
+`report.dpi` is (the dpi sets the sharpness, the inches the size of the text on the page). Each PNG records its
+smallest font (`MIN_FONT_KEY`) for the browser test that measures it on the page.
+"""
 from __future__ import annotations
 
 import math
@@ -8,32 +15,77 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.text import Text
 
 KIND_ORDER = ["natural", "shuffle", "class_blocked", "cyclic"]  # ordering kinds, left to right
+PAGE_WIDTH = 10.5  # inches: 1155 px at dpi 110, the page's column at 1280 px (no upscaling)
+MIN_FONT = 9.0  # points, the smallest text any figure draws
+FONT = 10.0  # axis labels and titles
+MIN_FONT_KEY = "dynaprompt:smallest-font-pt"  # PNG text chunk: the smallest font in the figure
 
 
 def method_colors(methods: list[str]) -> dict:
-    """One colour per method, the same in every figure."""
-    palette = [f"C{i}" for i in range(10)]
+    """One colour per method, the same in every figure (tab20 beyond 10 methods: up to 20 stay apart)."""
+    if len(methods) <= 10:
+        return {m: f"C{i}" for i, m in enumerate(methods)}
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
     return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
-def panel_grid(n: int, width: float = 5.0, height: float = 3.6):
-    """A figure with `n` panels in up to 3 columns; unused axes hidden."""
-    cols = min(3, max(n, 1))
-    rows = max(1, math.ceil(n / cols))
-    figure = Figure(figsize=(width * cols, height * rows + 0.8))
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas with constrained layout (legends placed "outside" get room of their own)."""
+    figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
+    return figure
+
+
+def panel_grid(n: int, height: float = 3.0, cols: int = 3):
+    """A figure as wide as the page with `n` panels in up to `cols` columns; unused axes hidden."""
+    cols = min(cols, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    figure = new_figure(PAGE_WIDTH, height * rows + 0.9)
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
     return figure, axes[:n]
 
 
+def legend_columns(labels, width: float = PAGE_WIDTH, fontsize: float = MIN_FONT) -> int:
+    """How many legend columns of these labels fit across `width` inches."""
+    longest = max((len(str(label)) for label in labels), default=1)
+    column = 0.55 * fontsize / 72 * longest + 0.6  # text at ~0.55 em per character, plus handle and gap
+    return max(1, min(len(labels), int(width / column)))
+
+
+def visible_texts(artist):
+    """Every non-empty text the figure draws (none inside hidden artists)."""
+    for child in artist.get_children():
+        if not child.get_visible():
+            continue
+        if isinstance(child, Text) and child.get_text().strip():
+            yield child
+        yield from visible_texts(child)
+
+
+def smallest_font(figure: Figure) -> float:
+    figure.canvas.draw()  # tick labels exist once drawn
+    return min((t.get_fontsize() for t in visible_texts(figure)), default=MIN_FONT)
+
+
 def save(figure: Figure, target: Path, dpi: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=dpi, format="png")
+    figure.savefig(target, dpi=dpi, format="png", metadata={MIN_FONT_KEY: f"{smallest_font(figure):g}"})
+
+
+def apply_font(ax) -> None:
+    """Axis labels at FONT and tick labels at MIN_FONT or more."""
+    ax.tick_params(labelsize=MIN_FONT)
+    ax.xaxis.label.set_fontsize(FONT)
+    ax.yaxis.label.set_fontsize(FONT)
 
 
 def block_matrix(rows: pd.DataFrame) -> np.ndarray:
@@ -63,26 +115,27 @@ def accuracy_per_block(runs: pd.DataFrame, datasets: list[str], methods: list[st
             if len(rows) > 1:
                 ax.fill_between(x, 100 * np.nanmin(matrix, axis=0), 100 * np.nanmax(matrix, axis=0),
                                 color=colors[method], alpha=0.18, linewidth=0)
-        ax.set_title(dataset, fontsize=10)
+        ax.set_title(dataset, fontsize=FONT)
         ax.set_xlabel("position in stream (block centre)")
         ax.set_ylabel("block accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
+        apply_font(ax)
     legend_and_title(figure, axes, "Accuracy per block (line: mean over orderings; band: min–max)")
     save(figure, target, dpi)
 
 
-def legend_and_title(figure: Figure, axes, title: str) -> None:
-    """A single legend for all panels, above them, with every label any panel drew."""
+def legend_and_title(figure: Figure, axes, title: str, extra: list | None = None) -> None:
+    """One legend for all panels, above them and outside them, with every label any panel drew (then `extra`
+    handles), under the figure's title (the legend's own: constrained layout keeps a suptitle off it only so)."""
     handles = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    if handles:
-        figure.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 7),
-                      fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.995))
-    figure.suptitle(title, y=0.04, fontsize=10)
-    figure.tight_layout(rect=(0, 0.05, 1, 0.93))
+    for handle in extra or []:
+        handles.setdefault(handle.get_label(), handle)
+    figure.legend(handles.values(), handles.keys(), loc="outside upper center", fontsize=MIN_FONT,
+                  ncol=legend_columns(handles.keys()), frameon=False, title=title, title_fontsize=FONT)
 
 
 def kind_accuracies(rows: pd.DataFrame, kinds: list[str], order_independent: bool) -> dict:
@@ -96,34 +149,41 @@ def kind_accuracies(rows: pd.DataFrame, kinds: list[str], order_independent: boo
 
 def accuracy_by_ordering_kind(runs: pd.DataFrame, datasets: list[str], methods: list[str], order_independent: set,
                               target: Path, dpi: int) -> None:
-    """One panel per dataset: for each method a bar per ordering kind (mean), dots for single orderings."""
+    """One row per dataset, the methods along it (the same slots in every row): a bar per ordering kind (mean),
+    dots for single orderings; method names under the last row."""
     present = set(runs["ordering_kind"])
     kinds = [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
     shades = {k: f"C{i}" for i, k in enumerate(kinds)}
-    figure, axes = panel_grid(len(datasets), width=max(5.0, 0.9 * len(methods) + 1.5))
+    names = [m for m in methods if m in set(runs.loc[runs["dataset"].isin(datasets), "method"])]
+    label_depth = 0.55 * MIN_FONT / 72 * max((len(m) for m in names), default=1) * math.sin(math.radians(45))
+    figure = new_figure(PAGE_WIDTH, 2.3 * len(datasets) + label_depth + 1.0)
+    axes = figure.subplots(max(len(datasets), 1), 1, sharex=True, squeeze=False).ravel()
     for ax, dataset in zip(axes, datasets):
         here = runs[runs["dataset"] == dataset]
         dataset_kinds = [k for k in kinds if k in set(here["ordering_kind"])]
-        names = [m for m in methods if m in set(here["method"])]
         width = 0.8 / max(len(dataset_kinds), 1)
         for i, method in enumerate(names):
             rows = here[here["method"] == method]
+            if rows.empty:
+                continue
             values = kind_accuracies(rows, dataset_kinds, method in order_independent)
             for j, kind in enumerate(dataset_kinds):
                 if not len(values[kind]):
                     continue
                 x = i - 0.4 + width * (j + 0.5)
-                ax.bar(x, 100 * values[kind].mean(), width * 0.9, color=shades[kind], alpha=0.75,
-                       label=kind)
+                ax.bar(x, 100 * values[kind].mean(), width * 0.9, color=shades[kind], alpha=0.75, label=kind)
                 ax.plot(np.full(len(values[kind]), x), 100 * values[kind], "k.", ms=4)
-        ax.set_xlim(-0.6, len(names) - 0.4)  # a lone method keeps a normal bar width
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(dataset, fontsize=10)
+        ax.set_title(dataset, fontsize=FONT, loc="left")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-    legend_and_title(figure, axes, "Accuracy by ordering kind (bar: mean over orderings of the kind; dots: orderings)")
+        apply_font(ax)
+    axes[-1].set_xlim(-0.6, len(names) - 0.4)  # a lone method keeps a normal bar width
+    axes[-1].set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor",
+                        fontsize=MIN_FONT)
+    legend_and_title(figure, axes, "Accuracy by ordering kind (bar: mean over the orderings of a kind; dots: "
+                                   "single orderings)", [Line2D([], [], color="k", marker=".", ls="none",
+                                                                label="one ordering")])
     save(figure, target, dpi)
 
 
@@ -136,70 +196,83 @@ def domain_switches(records: pd.DataFrame) -> list[tuple[int, str]]:
     return [(int(records["position"].iloc[i]), domains[i]) for i in starts]
 
 
-def shade_domains(records: pd.DataFrame, axes) -> None:
-    """Cyclic streams: each domain's blocks shaded in its own colour, named once in a legend (no overlapping text)."""
+def shade_domains(records: pd.DataFrame, axes, colours: dict) -> None:
+    """Cyclic streams: each domain's blocks shaded in its colour (named once, in the figure's legend)."""
     switches = domain_switches(records)
-    if not switches:
-        return
-    colours = {d: f"C{i + 4}" for i, d in enumerate(dict.fromkeys(d for _, d in switches))}
-    ends = [s for s, _ in switches[1:]] + [int(records["position"].iloc[-1]) + 1]
+    ends = [s for s, _ in switches[1:]] + [int(records["position"].iloc[-1]) + 1] if switches else []
     for ax in axes:
         for (start, domain), end in zip(switches, ends):
-            ax.axvspan(start, end, color=colours[domain], alpha=0.08, linewidth=0)
-    handles = [Patch(color=c, alpha=0.3, label=d) for d, c in colours.items()]
-    axes[-1].legend(handles=handles, loc="upper right", fontsize=7, frameon=False, title="domain", title_fontsize=7)
+            ax.axvspan(start, end, color=colours[domain], alpha=0.10, linewidth=0)
 
 
 def buffer_dynamics(panels: list[dict], target: Path, dpi: int) -> None:
-    """Per run with a buffer or memory: its size and cumulative appends/deletions; selected ids; selections per id."""
+    """A row per run with a memory: its size (left axis, labelled by the panel's `unit`) and cumulative appends
+    and deletions (right axis); where the run selects from it, what it selected at each position (labelled by the
+    panel's `selected`) and how often each (`count`). A run that selects nothing per sample gets the full row."""
     if not panels:
-        figure = Figure(figsize=(8, 2))
-        FigureCanvasAgg(figure)
-        figure.text(0.5, 0.5, "No runs with a prompt buffer or a memory in this sweep.", ha="center", va="center")
+        figure = new_figure(PAGE_WIDTH, 1.5)
+        figure.text(0.5, 0.5, "No runs with a prompt buffer or a memory in this sweep.", ha="center", va="center",
+                    fontsize=FONT)
         save(figure, target, dpi)
         return
-    figure = Figure(figsize=(16, 3.4 * len(panels)))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(panels), 3, squeeze=False)
-    for (size_ax, usage_ax, count_ax), panel in zip(axes, panels):
+    domains = dict.fromkeys(d for panel in panels for _, d in domain_switches(panel["records"]))
+    colours = {d: f"C{(i + 4) % 10}" for i, d in enumerate(domains)}
+    figure = new_figure(PAGE_WIDTH, 2.5 * len(panels) + 1.0)
+    # room for the twin axes' labels, which constrained layout does not always keep: between the columns and right
+    figure.get_layout_engine().set(wspace=0.05, rect=(0, 0, 1 - 0.3 / PAGE_WIDTH, 1))
+    grid = figure.add_gridspec(len(panels), 3, width_ratios=[1.3, 1.0, 0.45])
+    for row, panel in enumerate(panels):
         records = panel["records"].sort_values("position")
         position = records["position"].to_numpy()
-        lines = size_ax.plot(position, records["buffer_size"], color="C0", label="buffer size")
+        pairs = [(p, i) for p, ids in zip(position, records["selected"]) for i in ids]
+        selects = bool(pairs) and panel.get("selected") is not None
+        size_ax = figure.add_subplot(grid[row, 0] if selects else grid[row, :])
+        size_ax.plot(position, records["buffer_size"], color="C0", label="size (left axis)")
         size_ax.set_ylabel(panel.get("unit", "entries"), color="C0")
         size_ax.set_ylim(bottom=0)
         counts_ax = size_ax.twinx()
-        lines += counts_ax.plot(position, np.cumsum([len(a) for a in records["appended"]]), color="C2",
-                                label="appended (cumulative)")
-        lines += counts_ax.plot(position, np.cumsum([len(d) for d in records["deleted"]]), color="C3",
-                                label="deleted (cumulative)")
+        counts_ax.plot(position, np.cumsum([len(a) for a in records["appended"]]), color="C2",
+                       label="appended, cumulative (right axis)")
+        counts_ax.plot(position, np.cumsum([len(d) for d in records["deleted"]]), color="C3",
+                       label="deleted, cumulative (right axis)")
         counts_ax.set_ylabel("cumulative count")
         counts_ax.set_ylim(bottom=0)
-        counts_ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=7, frameon=False)
         size_ax.set_xlabel("position in stream")
-        title = panel["title"]
+        title = panel["title"] + ("" if selects else " (nothing selected per sample)")
         if panel.get("loss") is not None:
-            title += f" — {100 * panel['loss']:.0f}% of a domain's new prompts deleted before it returned"
-        size_ax.set_title(title, fontsize=9, loc="left")
-        # every mention of a prompt id at its position: which prompts carry the stream when
-        pairs = [(p, i) for p, ids in zip(position, records["selected"]) for i in ids]
-        if pairs:
-            xs, ids = zip(*pairs)
+            title += f" — {100 * panel['loss']:.0f}% of a domain's new entries deleted before it returned"
+        size_ax.set_title(title, fontsize=FONT, loc="left")
+        apply_font(size_ax)
+        apply_font(counts_ax)
+        shaded = [size_ax]
+        if selects:
+            usage_ax = figure.add_subplot(grid[row, 1])
+            count_ax = figure.add_subplot(grid[row, 2], sharey=usage_ax)
+            xs, ids = zip(*pairs)  # every mention of an entry at its position: which entries carry the stream when
             usage_ax.scatter(xs, ids, s=2, color="C1")
             selections = pd.Series(ids).value_counts().sort_index()
-            count_ax.bar(selections.index, selections.to_numpy(), width=0.8, color="C1")
-        usage_ax.set_xlabel("position in stream")
-        usage_ax.set_ylabel("selected prompt id")
-        count_ax.set_xlabel("prompt id")
-        count_ax.set_ylabel("times selected")
-        shade_domains(records, (size_ax, usage_ax))
-    figure.tight_layout()
+            count_ax.barh(selections.index, selections.to_numpy(), height=0.8, color="C1")
+            usage_ax.set_xlabel("position in stream")
+            usage_ax.set_ylabel(panel["selected"])
+            count_ax.set_xlabel(panel.get("count", "times selected"))
+            count_ax.tick_params(labelleft=False)
+            apply_font(usage_ax)
+            apply_font(count_ax)
+            shaded.append(usage_ax)
+        shade_domains(records, shaded, colours)
+    handles = [Line2D([], [], color=c, label=label) for c, label in
+               (("C0", "size (left axis)"), ("C2", "appended, cumulative (right axis)"),
+                ("C3", "deleted, cumulative (right axis)"))]
+    handles += [Patch(color=c, alpha=0.3, label=f"domain {d}") for d, c in colours.items()]
+    figure.legend(handles=handles, loc="outside upper center", fontsize=MIN_FONT, frameon=False,
+                  ncol=legend_columns([h.get_label() for h in handles]), title="Memory over the stream",
+                  title_fontsize=FONT)
     save(figure, target, dpi)
 
 
 def calibration_curve(rows: list[dict], reference: str, rms: float | None, target: Path, dpi: int) -> None:
     """Accuracy gain over the reference against lr (log axis), one line per calibrated method."""
-    figure = Figure(figsize=(6.5, 4))
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.5, 4)
     ax = figure.subplots()
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]
@@ -210,15 +283,15 @@ def calibration_curve(rows: list[dict], reference: str, rms: float | None, targe
     ax.set_xlabel(label)
     ax.set_ylabel(f"accuracy minus {reference} (points)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
-    figure.tight_layout()
+    if rows:
+        ax.legend(fontsize=MIN_FONT, frameon=False)
+    apply_font(ax)
     save(figure, target, dpi)
 
 
 def buffer_size_curve(rows: list[dict], target: Path, dpi: int) -> None:
     """Mean accuracy over orderings against the buffer size M, with the 95% interval."""
-    figure = Figure(figsize=(5.5, 3.8))
-    FigureCanvasAgg(figure)
+    figure = new_figure(5.5, 3.8)
     ax = figure.subplots()
     if rows:
         m = [r["M"] for r in rows]
@@ -231,14 +304,13 @@ def buffer_size_curve(rows: list[dict], target: Path, dpi: int) -> None:
     ax.set_xlabel("buffer size M")
     ax.set_ylabel("accuracy (%), mean over orderings")
     ax.grid(alpha=0.3)
-    figure.tight_layout()
+    apply_font(ax)
     save(figure, target, dpi)
 
 
 def margins_heatmap(rows: list[dict], target: Path, dpi: int) -> None:
     """Mean accuracy over orderings for each (tau_h, tau_d) cell of the margin grid."""
-    figure = Figure(figsize=(5, 4))
-    FigureCanvasAgg(figure)
+    figure = new_figure(5, 4)
     ax = figure.subplots()
     taus_h = sorted({r["tau_h"] for r in rows})
     taus_d = sorted({r["tau_d"] for r in rows})
@@ -249,39 +321,50 @@ def margins_heatmap(rows: list[dict], target: Path, dpi: int) -> None:
     for i in range(len(taus_h)):
         for j in range(len(taus_d)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=9)
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=MIN_FONT)
     ax.set_xticks(range(len(taus_d)), [f"{t:g}" for t in taus_d])
     ax.set_yticks(range(len(taus_h)), [f"{t:g}" for t in taus_h])
     ax.set_xlabel("probability-difference margin tau_d")
     ax.set_ylabel("entropy margin tau_h")
-    figure.colorbar(image, ax=ax, label="accuracy (%)")
-    figure.tight_layout()
+    bar = figure.colorbar(image, ax=ax, label="accuracy (%)")
+    bar.ax.tick_params(labelsize=MIN_FONT)
+    apply_font(ax)
     save(figure, target, dpi)
 
 
 def order_vs_chance(rows: list[dict], target: Path, dpi: int) -> None:
-    """Per dataset and method: the spread the order causes against the spread sampling alone would cause."""
-    figure = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2))
-    FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [100 * (r["between_sd"] or 0) for r in rows], 0.4, label="between orderings (SD)")
-    ax.bar(x + 0.2, [100 * r["within_se"] for r in rows], 0.4, label="within a run (binomial SE)")
-    for i, r in enumerate(rows):
-        if r["p_value"] is not None and r["p_value"] < 0.05:
-            ax.annotate("*", (i - 0.2, 100 * (r["between_sd"] or 0)), ha="center", va="bottom")
-    ax.set_xticks(x, [f"{r['dataset']}\n{r['method']}" for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("accuracy points")
-    ax.legend(fontsize=8, frameon=False, title="* Cochran's Q p < 0.05", title_fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
+    """Per dataset (a row each) and method: the spread the order causes against the spread sampling alone would
+    cause; a star where Cochran's Q has p < 0.05."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows)) or [""]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    label_depth = 0.55 * MIN_FONT / 72 * max((len(m) for m in methods), default=1) * math.sin(math.radians(45))
+    figure = new_figure(PAGE_WIDTH, 2.2 * len(datasets) + label_depth + 1.0)
+    axes = figure.subplots(len(datasets), 1, sharex=True, squeeze=False).ravel()
+    for ax, dataset in zip(axes, datasets):
+        for r in (r for r in rows if r["dataset"] == dataset):
+            i = methods.index(r["method"])
+            between = 100 * (r["between_sd"] or 0)
+            ax.bar(i - 0.2, between, 0.4, color="C0", label="between orderings (SD)")
+            ax.bar(i + 0.2, 100 * r["within_se"], 0.4, color="C1", label="within a run (binomial SE)")
+            if r["p_value"] is not None and r["p_value"] < 0.05:
+                ax.annotate("*", (i - 0.2, between), ha="center", va="bottom", fontsize=FONT,
+                            annotation_clip=False)
+        ax.set_title(dataset, fontsize=FONT, loc="left")
+        ax.set_ylabel("accuracy points")
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+        apply_font(ax)
+    axes[-1].set_xlim(-0.6, max(len(methods), 1) - 0.4)
+    axes[-1].set_xticks(range(len(methods)), methods, rotation=45, ha="right", rotation_mode="anchor",
+                        fontsize=MIN_FONT)
+    star = Line2D([], [], color="k", marker="*", ls="none", label="* Cochran's Q p < 0.05")
+    legend_and_title(figure, axes, "The spread the order causes against sampling alone", [star])
     save(figure, target, dpi)
 
 
 def order_vs_seed(rows: list[dict], target: Path, dpi: int) -> None:
     """SD(order) against SD(seed) with their intervals, one marker per (stream, method); the diagonal y = x."""
-    figure = Figure(figsize=(7.5, 6.0))
-    FigureCanvasAgg(figure)
+    figure = new_figure(PAGE_WIDTH, 6.0)
     ax = figure.subplots()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     streams = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -297,31 +380,43 @@ def order_vs_seed(rows: list[dict], target: Path, dpi: int) -> None:
     ax.plot([0, top], [0, top], "k--", linewidth=0.8)
     ax.set_xlim(0, top * 1.05)
     ax.set_ylim(0, top * 1.05)
+    ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("SD(seed): accuracy points due to the augmentation seed")
     ax.set_ylabel("SD(order): accuracy points due to the ordering")
     handles = [Patch(color=colors[m], label=m) for m in methods]
-    handles += [ax.plot([], [], markers[i % len(markers)], color="0.3", label=s)[0] for i, s in enumerate(streams)]
-    ax.legend(handles=handles, fontsize=8, frameon=False, loc="upper left", ncol=2)
-    ax.set_title("Order against chance (above the diagonal: the order matters more than the seed)", fontsize=10)
+    handles += [Line2D([], [], marker=markers[i % len(markers)], ls="none", color="0.3", label=s)
+                for i, s in enumerate(streams)]
+    if handles:
+        figure.legend(handles=handles, fontsize=MIN_FONT, frameon=False, loc="outside right upper",
+                      ncol=1 if len(handles) <= 22 else 2)
+    ax.set_title("Order against chance (above the diagonal: the order matters more than the seed)", fontsize=FONT)
     ax.grid(alpha=0.3)
-    figure.tight_layout()
+    apply_font(ax)
     save(figure, target, dpi)
 
 
 def evidence_growth(rows: list[dict], target_half_width: float, target: Path, dpi: int) -> None:
-    """The 95% interval's half-width against the number of orderings it rests on, per dataset and method."""
-    figure = Figure(figsize=(6.5, 4))
-    FigureCanvasAgg(figure)
+    """The 95% interval's half-width against the number of orderings it rests on: a colour per method, a line
+    style per dataset."""
+    figure = new_figure(PAGE_WIDTH, 4.8)
     ax = figure.subplots()
-    for i, r in enumerate(rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    colors, styles = method_colors(methods), ["-", "--", ":", "-."]
+    for r in rows:
         points = [p for p in r["by_count"] if p["half_width"] is not None]
         ax.plot([p["orderings"] for p in points], [100 * p["half_width"] for p in points], marker=".",
-                color=f"C{i % 10}", label=f"{r['dataset']} / {r['method']}")
-    ax.axhline(100 * target_half_width, color="k", linestyle="--", linewidth=0.8, label="target")
+                color=colors[r["method"]], linestyle=styles[datasets.index(r["dataset"]) % len(styles)])
+    ax.axhline(100 * target_half_width, color="k", linestyle="--", linewidth=0.8)
     ax.set_xlabel("orderings")
     ax.set_ylabel("95% interval half-width (points)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, frameon=False, ncol=2)
-    figure.tight_layout()
+    handles = [Line2D([], [], color=colors[m], label=m) for m in methods]
+    handles += [Line2D([], [], color="0.3", linestyle=styles[i % len(styles)], label=d)
+                for i, d in enumerate(datasets)]
+    handles.append(Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="target"))
+    figure.legend(handles=handles, fontsize=MIN_FONT, frameon=False, loc="outside right upper",
+                  ncol=1 if len(handles) <= 18 else 2)
+    apply_font(ax)
     save(figure, target, dpi)
