@@ -12,8 +12,9 @@ ratios measured side by side on the same machine at the same time. For each meth
 - reference: the same rule written the plain way (`benchmarks/reference.py`, also the library's test oracle):
   full padded text, the image encoder re-run over the views on every pass, DynaPrompt's backward pass through
   every buffered prompt, no features carried from sample to sample.
-- the online peers (TDA, DMN, OnZeta, BoostAdapter): library only. They are training-free over cached
-  features, so there is no plain reference to race; their rows give ms/sample next to TPT's.
+- the online peers (TDA, DMN, OnZeta, BoostAdapter, DPE, ECALP, TCA) and MTA: library only. They work over
+  cached features, so there is no plain reference to race; their rows give ms/sample next to TPT's. C-TPT and
+  R-TPT tune the prompt, and race their plain references as TPT does.
 
 Both sides see the same views of the same images, so their predictions must agree; the table counts how many
 do. It also times DynaPrompt's parts, each method against TPT, peak memory (CUDA: per method; CPU: the
@@ -40,7 +41,7 @@ from dynaprompt.features import CachedViewSource
 from dynaprompt.methods import build_method
 from dynaprompt.methods.dynaprompt import Config as DynaPromptConfig
 from dynaprompt.model import LoadedClip, ModelSpec, load_clip
-from dynaprompt.objectives import TuningConfig, encode_for_prediction, tune_contexts
+from dynaprompt.objectives import TuningConfig, encode_for_prediction, rows_to_encode, tune_contexts
 from dynaprompt.runner import run_stream
 from dynaprompt.text import PromptTextEncoder, text_tower
 
@@ -50,14 +51,14 @@ from .reference import PlainCLIP, build_plain
 from .rss import peak_rss_mib
 from .stream import Stream, benchmark_classnames
 
-REFERENCED = ("zero_shot", "zero", "tpt", "online_tpt", "dynaprompt", "dynaprompt_official")
-PEERS = ("tda", "dmn", "onzeta", "boostadapter")
+REFERENCED = ("zero_shot", "zero", "tpt", "online_tpt", "dynaprompt", "dynaprompt_official", "ctpt", "rtpt")
+PEERS = ("tda", "dmn", "onzeta", "boostadapter", "dpe", "ecalp", "tca", "mta")
 METHOD_NAMES = REFERENCED + PEERS
 LOCKSTEP_METHODS = ("tpt", "online_tpt", "dynaprompt", "dynaprompt_official")
-TUNING_KINDS = ("tpt", "online_tpt", "dynaprompt")
+TUNING_KINDS = ("tpt", "online_tpt", "dynaprompt", "ctpt", "rtpt")
 PAPER_KINDS = ("zero_shot", "zero_shot", "tpt", "online_tpt", "dynaprompt", "dynaprompt", "zero")
 PAPER_ORDERINGS = 5
-PEER_NOTE = "training-free over cached features: no plain reference"
+PEER_NOTE = "over cached features, no prompt tuning: no plain reference"
 
 
 def method_specs(buffer_size: int) -> dict:
@@ -177,7 +178,8 @@ class LibraryRunner:
             tuned = tune_contexts(self.text, request.contexts, request.view_features, method.tuning, method.scaler,
                                   request.mentions, request.base)
         with clock("predict"):
-            return method.finish(request, tuned, encode_for_prediction(self.text, tuned, method.tuning))
+            return method.finish(request, tuned, encode_for_prediction(self.text, rows_to_encode(request, tuned),
+                                                                        method.tuning))
 
 
 def timed_call(runner, argument, device: torch.device) -> tuple:

@@ -35,6 +35,7 @@ from dynaprompt.objectives import (
     autocast,
     encode_for_prediction,
     make_optimizer,
+    rows_to_encode,
     tuning_loss,
 )
 from dynaprompt.records import make_record, records_frame
@@ -96,7 +97,8 @@ def run_lockstep(
         start = time.perf_counter()
         requests = [methods[k].begin(view_features[k]) for k in active]
         tuned = tune_contexts_lockstep(text, requests, tuning, [methods[k].scaler for k in active])
-        tuned_features = encode_for_prediction(text, torch.cat(tuned), tuning).split([t.shape[0] for t in tuned])
+        encoded = [rows_to_encode(r, t) for r, t in zip(requests, tuned)]
+        tuned_features = encode_for_prediction(text, torch.cat(encoded), tuning).split([e.shape[0] for e in encoded])
         outcomes = [methods[k].finish(r, t, f) for k, r, t, f in zip(active, requests, tuned, tuned_features)]
         seconds = (time.perf_counter() - start) / len(active)
         for k, outcome in zip(active, outcomes):

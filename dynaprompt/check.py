@@ -35,6 +35,7 @@ class DatasetReport:
     expected: int | None = None
     classes: int | None = None
     classnames: list = field(default_factory=list)
+    size_checked: bool = True  # validate checks the known size (validate.known_split_sizes)
     caches: list = field(default_factory=list)  # {views, state, bytes, projected}
 
     @property
@@ -85,7 +86,8 @@ def check_datasets(settings: Settings, names: list | None = None) -> list[Datase
     for name in names or list(settings.datasets):
         spec = settings.datasets[name]
         root = str(spec.options.get("root") or spec.options.get("source") or "")
-        report = DatasetReport(name, spec.kind, root, expected=expected_samples(spec, settings))
+        report = DatasetReport(name, spec.kind, root, expected=expected_samples(spec),
+                               size_checked=expected_samples(spec, settings) is not None)
         try:
             dataset = build_dataset(name, spec.kind, spec.options, base_dir=settings.base_dir)
         except (DatasetNotFoundError, ValueError, OSError) as error:
@@ -214,6 +216,7 @@ def datasets_table(reports: list[DatasetReport]) -> str:
             continue
         expected = "?" if r.expected is None else str(r.expected)
         mark = "" if r.expected is None or r.expected == r.samples else " (differs)"
+        mark += "" if r.size_checked or r.expected is None else " (not checked)"
         caches = "; ".join(f"{c['views']}: {c['state']}, {size_text(c['bytes'])}"
                            + (" projected" if c["projected"] else "") for c in r.caches) or "none planned"
         lines.append(f"| {r.name} | {r.kind} | yes | {r.samples} / {expected}{mark} | {r.classes} | {caches} |")

@@ -89,6 +89,7 @@ class TuningRequest:
     mentions: list[int] | None = None
     state: object = None
     base: torch.Tensor | None = None
+    reencode: list[int] | None = None  # rows the prediction pass encodes (None: all); the others did not move
 
     def parameters(self) -> torch.Tensor:
         """A fresh leaf to optimise: the contexts, or their offsets from `base`."""
@@ -181,7 +182,13 @@ def tune_and_finish(method, view_features: torch.Tensor):
         method.text, request.contexts, request.view_features, method.tuning, method.scaler, request.mentions,
         request.base,
     )
-    return method.finish(request, tuned, encode_for_prediction(method.text, tuned, method.tuning))
+    return method.finish(request, tuned, encode_for_prediction(method.text, rows_to_encode(request, tuned),
+                                                                method.tuning))
+
+
+def rows_to_encode(request: TuningRequest, tuned: torch.Tensor) -> torch.Tensor:
+    """The tuned contexts whose text features the prediction pass computes (`finish` receives them in order)."""
+    return tuned if request.reencode is None else tuned[request.reencode]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from .text import encode_tokens, end_of_text_positions, run_text_tower, text_tower, truncate_tokens
+from .text import end_of_text_positions, run_text_tower, template_features, text_tower, truncate_tokens
 
 SYNONYMS = {
     "t-shirt": ["t-shirt", "tee", "top", "tee shirt"],
@@ -282,12 +282,16 @@ def image_features(clip, pixels: np.ndarray, batch_size: int = 500) -> torch.Ten
 
 
 @torch.no_grad()
-def template_accuracies(clip, features: torch.Tensor, labels: np.ndarray, classnames, templates) -> dict:
-    """Zero-shot accuracy of image `features` [N, E] under each template."""
+def template_accuracies(clip, features: torch.Tensor, labels: np.ndarray, classnames, templates, cache=None) -> dict:
+    """Zero-shot accuracy of image `features` [N, E] under each template (its text features from `cache`, a
+    `text.TemplateCache`, when given)."""
     truth = torch.as_tensor(np.asarray(labels))
     out = {}
     for template in templates:
-        tokens = clip.tokenizer([template.format(c) for c in classnames])
-        text = F.normalize(encode_tokens(clip.model, tokens), dim=-1)
+        if cache is not None:
+            text = cache.features(clip.model, clip.tokenizer, classnames, template, clip.device)
+        else:
+            text = template_features(clip.model, clip.tokenizer, classnames, template, clip.device)
+        text = text.to(features.device)
         out[template] = float(((features @ text.t()).argmax(1) == truth).float().mean())
     return out

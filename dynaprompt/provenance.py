@@ -26,6 +26,9 @@ RESULT_CODE = (
     "dynaprompt/config.py",
     "dynaprompt/specs.py",
     "dynaprompt/resolve.py",
+    "dynaprompt/features.py",
+    "dynaprompt/model.py",
+    "dynaprompt/views.py",
 )
 SWEEP_CODE = (
     "dynaprompt/plan.py",

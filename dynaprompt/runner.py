@@ -24,11 +24,12 @@ from .methods import build_method
 from .model import LoadedClip
 from .objectives import NonFiniteError
 from .orderings import order_samples
+from .provenance import weights_fingerprint
 from .records import make_record, records_frame, summarize
 from .resolve import ResolvedRun, resolve
 from .results import ResultsLayout, RunKey, RunSummary
 from .specs import Settings
-from .text import PromptTextEncoder
+from .text import PromptTextEncoder, TemplateCache
 
 
 class RunFailed(RuntimeError):
@@ -98,10 +99,19 @@ def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = F
 
 
 def build_text_encoder(clip: LoadedClip, classnames, settings: Settings, max_tokens: int = 0) -> PromptTextEncoder:
-    """The prompt encoder of `settings.prompt` over `classnames`, `max_tokens` per text-encoder pass."""
+    """The prompt encoder of `settings.prompt` over `classnames`, `max_tokens` per text-encoder pass, its template
+    features kept in `paths.cache`."""
     prompt = settings.prompt
     return PromptTextEncoder(clip.model, clip.tokenizer, classnames, n_ctx=prompt.n_ctx, ctx_init=prompt.ctx_init,
-                             truncate=prompt.truncate, init_seed=prompt.init_seed, max_tokens=max_tokens)
+                             truncate=prompt.truncate, init_seed=prompt.init_seed, max_tokens=max_tokens,
+                             template_cache=template_cache(clip, settings))
+
+
+def template_cache(clip: LoadedClip, settings: Settings) -> TemplateCache:
+    """Where the text features of templates are kept, keyed by this model."""
+    identity = {"weights": weights_fingerprint(clip.weights), "arch": settings.model.arch,
+                "activation": clip.activation, "device": clip.device.type}
+    return TemplateCache(settings.path("cache") / "text", identity)
 
 
 def open_stream(settings: Settings, name: str) -> ManifestDataset:

@@ -236,7 +236,7 @@ class PathsConfig:
     validation: str = "reports/validation"
     reports: str = "reports"
     results: str = "results"
-
+    cache: str = ".cache"  # recomputable intermediates (text features of templates), outside DVC
 
 @dataclass(frozen=True)
 class TestbedConfig:

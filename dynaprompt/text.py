@@ -1,6 +1,11 @@
 """Learnable CoOp-style contexts on CLIP's text side, encoded for every prompt x class in one pass."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -46,6 +51,48 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return run_text_tower(tower, tower.token_embedding(tokens), end_of_text_positions(tokens))
 
 
+class TemplateCache:
+    """Unit-norm text features of one template over a class list, computed once and kept on disk.
+
+    An 80-template classifier over 200 classes is ~270 s of one CPU core at ViT-B/16 (a second on a GPU), and every
+    run of a method that ensembles templates, and the testbed stage, asks for the same ones. The key holds every
+    input of the bits: the weights' fingerprint and architecture, the activation, the class names, the template,
+    this module's and the blocks' code, torch's and open_clip's versions, the device type and the CPU-kernel pins;
+    a file is written under a temporary name and renamed, so concurrent writers never leave half a file.
+    """
+
+    def __init__(self, folder, identity: dict):
+        self.folder = Path(folder)
+        self.identity = identity
+
+    def key(self, classnames, template: str) -> str:
+        import open_clip
+
+        code = b"".join((Path(__file__).parent / name).read_bytes() for name in ("text.py", "blocks.py"))
+        payload = {**self.identity, "classnames": list(classnames), "template": template,
+                   "code": hashlib.sha256(code).hexdigest()[:16], "torch": torch.__version__,
+                   "open_clip": open_clip.__version__,
+                   "pins": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def features(self, model, tokenizer, classnames, template, device) -> torch.Tensor:
+        file = self.folder / f"{self.key(classnames, template)}.pt"
+        if file.is_file():
+            return torch.load(file, map_location=device, weights_only=True)
+        features = template_features(model, tokenizer, classnames, template, device)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+        torch.save(features.cpu(), partial)
+        os.replace(partial, file)
+        return features
+
+
+def template_features(model, tokenizer, classnames, template, device) -> torch.Tensor:
+    """Unit-norm text features [C, E] of `template` filled with each class name."""
+    texts = [template.format(name) if isinstance(template, str) else template(name) for name in classnames]
+    return F.normalize(encode_tokens(model, tokenizer(texts).to(device)), dim=-1)
+
+
 class PromptTextEncoder:
     """Text features of `{ctx} {classname}.` for any stack of contexts, all prompts x classes at once.
 
@@ -56,9 +103,10 @@ class PromptTextEncoder:
     """
 
     def __init__(self, model, tokenizer, classnames, n_ctx=4, ctx_init="a photo of a", truncate=True, init_seed=0,
-                 max_tokens: int = 0):
+                 max_tokens: int = 0, template_cache: TemplateCache | None = None):
         self.model = model
         self.max_tokens = max_tokens
+        self.template_cache = template_cache
         self.tokenizer = tokenizer
         self.tower = text_tower(model)
         truncate = truncate and self.tower.attn_mask is not None  # only a causal mask makes the cut exact
@@ -130,11 +178,13 @@ class PromptTextEncoder:
     @torch.no_grad()
     def encode_templates(self, templates) -> torch.Tensor:
         """Zero-shot classifier [1, C, E]: features of each template, averaged per class, renormalised."""
-        per_template = []
+        device, per_template = self.tokens.device, []
         for template in templates:
-            texts = [template.format(name) if isinstance(template, str) else template(name) for name in self.classnames]
-            tokens = self.tokenizer(texts).to(self.tokens.device)
-            per_template.append(F.normalize(encode_tokens(self.model, tokens), dim=-1))
+            if self.template_cache is not None and isinstance(template, str):
+                per_template.append(self.template_cache.features(self.model, self.tokenizer, self.classnames, template,
+                                                                 device))
+            else:
+                per_template.append(template_features(self.model, self.tokenizer, self.classnames, template, device))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1).unsqueeze(0)
 
     def logit_scale(self) -> torch.Tensor:

@@ -45,11 +45,11 @@ def image(rng: np.random.Generator, size: int, path: Path) -> None:
 
 def imagenet_a_tree(root: Path, images: dict | None = None) -> Path:
     """All 200 wnid folders of ImageNet-A; `images` maps a folder's position to its image count (default: two
-    images in two folders, one in two more, the rest empty)."""
+    images in the first folder, one in another, the rest empty)."""
     from dynaprompt.datasets.imagenet import synsets
 
     rng = np.random.default_rng(0)
-    counts = images or {0: 2, 57: 2, 120: 1, 199: 1}
+    counts = images or {0: 2, 120: 1}
     for k, wnid in enumerate(synsets("imagenet_a")):
         (root / wnid).mkdir(parents=True, exist_ok=True)
         for i in range(counts.get(k, 0)):
@@ -57,7 +57,7 @@ def imagenet_a_tree(root: Path, images: dict | None = None) -> Path:
     return root
 
 
-def eurosat_tree(root: Path, per_class: int = 1, test_classes: int = 6) -> Path:
+def eurosat_tree(root: Path, per_class: int = 1, test_classes: int = 4) -> Path:
     """EuroSAT as CoOp lays it out: 2750/<Class>/<Class>_<i>.jpg and split_zhou_EuroSAT.json (test split: one image
     of each of the first `test_classes` classes; every class in train, so all 10 names are known)."""
     rng = np.random.default_rng(1)

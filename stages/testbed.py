@@ -14,7 +14,7 @@ from dynaprompt.features import ViewEncoder
 from dynaprompt.model import load_clip
 from dynaprompt.pretrain import template_accuracies
 from dynaprompt.resolve import template_set
-from dynaprompt.runner import build_text_encoder, open_stream
+from dynaprompt.runner import build_text_encoder, open_stream, template_cache
 from dynaprompt.views import ViewConfig
 
 from .common import settings, write_json
@@ -30,7 +30,8 @@ def main() -> None:
         original = ViewEncoder(clip, ViewConfig(n_views=1), amp=config.tuning.amp,  # view 0: resize + centre crop
                                dtype=config.embed.dtype)
         features = torch.stack([original(data.load(s), s)[0].cpu() for s in data.manifest["sample_id"]])
-        fractions = template_accuracies(clip, features, data.manifest["label"].to_numpy(), data.classnames, templates)
+        fractions = template_accuracies(clip, features, data.manifest["label"].to_numpy(), data.classnames, templates,
+                                        cache=template_cache(clip, config))
         accuracy = {template: round(100 * value, 4) for template, value in fractions.items()}  # float32 means
         values = np.array(list(accuracy.values()))
         best, worst = max(accuracy, key=accuracy.get), min(accuracy, key=accuracy.get)

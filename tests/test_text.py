@@ -115,3 +115,19 @@ def test_no_budget_or_a_large_one_is_a_single_pass(clip):
     roomy = PromptTextEncoder(clip.model, clip.tokenizer, CLASSNAMES, max_tokens=10**6)
     contexts = whole.init_context.unsqueeze(0).repeat(2, 1, 1)
     assert torch.equal(whole.encode(contexts), roomy.encode(contexts))  # bit for bit: the same one pass
+
+
+def test_template_features_come_back_from_the_cache_unchanged(clip, tmp_path):
+    from dynaprompt.text import TemplateCache, template_features
+
+    cache = TemplateCache(tmp_path, {"weights": "random(seed=0)", "arch": "tiny-clip"})
+    fresh = template_features(clip.model, clip.tokenizer, CLASSNAMES, "a photo of a {}.", "cpu")
+    first = cache.features(clip.model, clip.tokenizer, CLASSNAMES, "a photo of a {}.", "cpu")
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and torch.equal(first, fresh)
+    again = cache.features(clip.model, clip.tokenizer, CLASSNAMES, "a photo of a {}.", "cpu")
+    assert torch.equal(again, fresh) and len(list(tmp_path.glob("*.pt"))) == 1  # read back, not recomputed
+    cache.features(clip.model, clip.tokenizer, CLASSNAMES, "a {}.", "cpu")
+    cache.features(clip.model, clip.tokenizer, CLASSNAMES[:2], "a {}.", "cpu")
+    other = TemplateCache(tmp_path, {"weights": "other", "arch": "tiny-clip"})
+    other.features(clip.model, clip.tokenizer, CLASSNAMES, "a {}.", "cpu")
+    assert len(list(tmp_path.glob("*.pt"))) == 4  # another template, class list or model: another entry

@@ -10,8 +10,9 @@ initialised from v0 and optimised when selected, as TPT's context is): weight de
 is stepped, and pulls it toward 0. The official rule keeps the authors' parameterisation
 (clip/custom_clip_lessctx.py: `ctx` starts at zeros and `forward` adds `init_ctx`; all M slots are one AdamW
 parameter): a slot is an offset from v0, and every step decays every slot's offset toward 0, i.e. the slot toward
-v0, selected or not (by lr x weight_decay = 5e-5 of the offset per sample at lr 5e-3, wd 0.01). Every slot then
-changes at every sample, so the official rule re-encodes all M slots in its prediction pass.
+v0, selected or not (by lr x weight_decay = 5e-5 of the offset per sample at lr 5e-3, wd 0.01). Every slot that
+has moved from v0 then changes at every sample, so the official rule re-encodes each such slot in its prediction
+pass (a slot still exactly at v0 and not selected stays exactly there, and keeps its carried features).
 """
 from __future__ import annotations
 
@@ -191,11 +192,14 @@ class DynaPrompt:
 
     def finish(self, request: TuningRequest, tuned: torch.Tensor, new_features: torch.Tensor) -> Outcome:
         """Steps 7-8 after the tuning: keep the stepped prompts and their features, predict by their mean logits."""
-        mentions, appended, deleted, distinct, before = request.state
-        for k, prompt_id in enumerate(distinct):
+        mentions, appended, deleted, rows, before = request.state
+        encoded = rows if request.reencode is None else [rows[k] for k in request.reencode]
+        for k, prompt_id in enumerate(rows):
             self.buffer[prompt_id].context = tuned[k]
+        for k, prompt_id in enumerate(encoded):  # the others did not move: their carried features stand
             self.buffer[prompt_id].features = new_features[k]
-        after = original_view_logits(request.view_features, new_features[request.mentions], self.scale)
+        features = torch.stack([self.buffer[prompt_id].features for prompt_id in rows])
+        after = original_view_logits(request.view_features, features[request.mentions], self.scale)
         return Outcome(
             pred=int(after.argmax()), entropy_before=float(entropy(before)), entropy_after=float(entropy(after)),
             selected=mentions, appended=appended, deleted=deleted, buffer_size=self.buffer_in_use(),
@@ -257,8 +261,13 @@ class DynaPrompt:
         before = original_view_logits(view_features, old_features[mention_index], self.scale)
         contexts = torch.stack([self.buffer[i].context for i in rows])
         state = (mentions, appended, deleted, rows, before)
+        # official: a slot still at v0 and not stepped keeps a zero offset through the step (decay of 0 is 0, a zero
+        # gradient moves nothing): bit for bit v0, so its carried features stand and it is not re-encoded
+        v0 = self.text.init_context
+        seen = set(mention_index)
+        moved = [k for k, i in enumerate(rows) if k in seen or not torch.equal(self.buffer[i].context, v0)]
         return TuningRequest(contexts, view_features, mention_index, state=state,
-                             base=self.text.init_context if official else None)
+                             base=v0 if official else None, reencode=moved if official else None)
 
     def _append_fresh(self) -> int:
         """A new prompt at v0, most recently used; returns its id."""
