@@ -11,11 +11,10 @@ GPUs are counted and named the way dask-cuda counts them (`dask_cuda.utils`), so
 from __future__ import annotations
 
 import multiprocessing
-import os
 
 from dynaprompt.specs import ModelSpec, SweepConfig
 
-SLOT_VARIABLE = "DYNAPROMPT_WORKER_SLOT"  # set in each pinned worker: its slot among the node's GPU workers
+_slot: int | None = None  # this worker process's slot among the node's GPU workers, once pin_worker ran
 
 
 def node_gpu_count() -> int:
@@ -47,8 +46,14 @@ def pin_worker(counter, workers_per_gpu: int, n_gpus: int) -> None:
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
-    os.environ[SLOT_VARIABLE] = str(slot)
+    global _slot
+    _slot = slot  # a module global, not an environment variable: Prefect's pool resets the environment per task
     pin_process_to(device_of_slot(slot, workers_per_gpu, n_gpus))
+
+
+def worker_slot() -> int | None:
+    """The slot this worker process claimed (None outside a pinned worker)."""
+    return _slot
 
 
 def process_runner(config: SweepConfig, model: ModelSpec):

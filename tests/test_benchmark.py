@@ -96,3 +96,16 @@ def test_the_gpu_script_runs_every_part_on_cpu_at_the_tiny_size(tmp_path):
         (c, m, chunked) for c in (10, 20) for m in ("tpt", "dynaprompt") for chunked in (False, True)}
     assert report["embed"]["identical_features"] and report["share"]["ratio"] > 0
     assert "| C | method |" in out.with_suffix(".md").read_text()
+
+
+def test_the_peers_benchmark_times_every_training_free_peer_and_fills_its_memory(tmp_path, capsys):
+    from benchmarks.peers import KINDS, main as peers_main
+
+    rows = peers_main(["--classes", "6", "--samples", "24", "--views", "4", "--dim", "8",
+                       "--out", str(tmp_path / "peers.json")])
+    assert [row["method"] for row in rows] == list(KINDS)
+    assert json.loads((tmp_path / "peers.json").read_text()) == rows
+    assert all(row["first_quarter_ms"] > 0 and row["last_quarter_ms"] > 0 for row in rows)
+    cached = {row["method"]: row["memory_at_end"] for row in rows}
+    assert cached["tda"] > 0 and cached["dmn"] > 0  # the stream is long enough that the caches hold samples
+    assert "last quarter" in capsys.readouterr().out

@@ -11,7 +11,8 @@ from prefect import task
 from dynaprompt import devices
 from dynaprompt.devices import describe_device, device_line, visible_devices
 from dynaprompt.specs import ModelSpec, SweepConfig
-from tasks.gpu import SLOT_VARIABLE, dask_runner, device_of_slot, node_gpu_count, pin_worker, process_runner
+from tasks import gpu
+from tasks.gpu import dask_runner, device_of_slot, node_gpu_count, pin_worker, process_runner, worker_slot
 
 
 @pytest.fixture
@@ -34,11 +35,12 @@ def test_the_worker_initializer_claims_the_next_slot(four_gpus, monkeypatch):
     counter = multiprocessing.get_context("spawn").Value("i", 0)
     seen = []
     monkeypatch.setattr(devices, "_pinned", None)
+    monkeypatch.setattr(gpu, "_slot", None)
     for _ in range(8):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # each worker starts with the node's list
         pin_worker(counter, 2, 4)
-        seen.append((os.environ[SLOT_VARIABLE], os.environ["CUDA_VISIBLE_DEVICES"], devices.visible_devices()))
-    assert seen == [(str(s), str(s // 2), [str(s // 2)]) for s in range(8)]
+        seen.append((worker_slot(), os.environ["CUDA_VISIBLE_DEVICES"], devices.visible_devices()))
+    assert seen == [(s, str(s // 2), [str(s // 2)]) for s in range(8)]
 
 
 def test_the_process_runner_starts_gpus_times_workers_per_gpu_pinned_workers(four_gpus):
@@ -92,7 +94,7 @@ def test_visible_devices_follow_the_environment(four_gpus, monkeypatch):
 @task
 def where_am_i() -> tuple:
     time.sleep(6)  # long enough that the pool's other workers start and take the rest
-    return os.environ[SLOT_VARIABLE], devices.pinned_device(), os.getpid()
+    return worker_slot(), devices.pinned_device(), os.getpid()
 
 
 @pytest.mark.slow
@@ -103,4 +105,4 @@ def test_each_worker_process_sees_only_its_own_gpu(prefect_server, monkeypatch):
         found = [future.result() for future in [runner.submit(where_am_i, {}) for _ in range(4)]]
     slot_of = {pid: slot for slot, _, pid in found}
     assert len(slot_of) >= 3 and len(set(slot_of.values())) == len(slot_of)  # one slot per worker process
-    assert all(gpu == {"0": "3", "1": "3", "2": "5", "3": "5"}[slot] for slot, gpu, _ in found)
+    assert all(gpu == {0: "3", 1: "3", 2: "5", 3: "5"}[slot] for slot, gpu, _ in found)
