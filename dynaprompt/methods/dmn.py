@@ -32,7 +32,7 @@ n_shot 0, memory_size 50, beta 5.5, selection_p 0.1 and `-b 32`. With n_shot 0, 
 - Fusion (`direct_inference`): final = p_zs + fusion_weight * p_mem, probabilities.
   - The authors pick fusion_weight per dataset *on the test labels*, after the stream, from a 13-value grid
     (weight_search); the update does not depend on it.
-  - The default 3.0 is the value their log (camera_ready_dmn_tf_searched_vit_0.txt) shows for ImageNet-A.
+  - The default 3.0 is the value their log (camera_ready_dmn_tf_shift_0.txt:L26) shows for ImageNet-A.
     Their other values: I 1, V 1, R 0.3, K 1, Flowers 10, DTD 10, Pets 1, Cars 0.3, UCF 0.3, Caltech 0.3,
     Food 0.3, SUN 3, Aircraft 1, EuroSAT 0.3. tta-vlm uses 1.0 everywhere.
 
