@@ -5,7 +5,9 @@ test-split size, classes, view settings, feature caches and their size on disk, 
 of the plan's estimated work: per dataset and method, the text encoder's TFLOPs from the actual sequence lengths,
 classes, steps and selected prompts, and the image encoder's for the embed stage, converted to GPU-hours at a
 throughput stated in `check:` (derived from TPT's own yardstick unless a GPU benchmark measured one). A missing
-root is one line per dataset naming the path, and a non-zero exit.
+root is one line per dataset naming the path, and a non-zero exit; a missing paper dataset is still estimated,
+projected at its known test-split size and class count (marked so), so the cost of a grid can be read before any
+data is copied.
 
 The arithmetic: a transformer layer costs 24 w^2 + 4 n w FLOPs per token and forward pass (w its width, n the
 sequence length: the q/k/v/out projections 8 w^2, the MLP 16 w^2, the attention 4 n w); a backward pass costs
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .datasets import DatasetNotFoundError, build_dataset, expected_samples
+from .datasets import EXPECTED, DatasetNotFoundError, build_dataset, expected_samples
 from .specs import Settings
 
 TUNING_KINDS = ("tpt", "online_tpt", "ctpt", "rtpt")  # one prompt stepped per sample
@@ -37,10 +39,15 @@ class DatasetReport:
     classnames: list = field(default_factory=list)
     size_checked: bool = True  # validate checks the known size (validate.known_split_sizes)
     caches: list = field(default_factory=list)  # {views, state, bytes, projected}
+    projected: bool = False  # missing, but estimated at the known split size and class count
 
     @property
     def found(self) -> bool:
         return self.problem is None
+
+    @property
+    def estimable(self) -> bool:
+        return self.found or self.projected
 
 
 def layer_flops(width: int, length: int) -> float:
@@ -63,12 +70,25 @@ def model_shapes(arch: str) -> dict:
             "image_tokens": (image // patch) ** 2 + 1}
 
 
+def known_classnames(kind: str) -> list:
+    """The class names of a paper dataset that are known without its files (the ImageNet family), else []."""
+    from .datasets import imagenet
+
+    if kind in ("imagenet", "imagenet_v2", "imagenet_sketch"):
+        return list(imagenet.imagenet_classnames())
+    if kind in ("imagenet_a", "imagenet_r"):
+        return imagenet.subset_classnames(kind)
+    return []
+
+
 def sequence_length(settings: Settings, classnames: list) -> int:
-    """The prompt's token length after the end-of-text cut, for these class names (tokenizer only)."""
+    """The prompt's token length after the end-of-text cut, for these class names (tokenizer only); without names
+    (a projected fine-grained set), the length ImageNet's 1000 names give, as a stand-in."""
     import open_clip
 
     from .model import register_arch
 
+    classnames = classnames or known_classnames("imagenet")
     tokenizer = open_clip.get_tokenizer(register_arch(settings.model.arch))
     words = settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
     tokens = tokenizer([f"{words} {name.replace('_', ' ')}." for name in classnames])
@@ -92,10 +112,15 @@ def check_datasets(settings: Settings, names: list | None = None) -> list[Datase
             dataset = build_dataset(name, spec.kind, spec.options, base_dir=settings.base_dir)
         except (DatasetNotFoundError, ValueError, OSError) as error:
             report.problem = str(error)
-            reports.append(report)
-            continue
-        report.samples, report.classes = len(dataset), len(dataset.classnames)
-        report.classnames = list(dataset.classnames)
+            if spec.kind not in EXPECTED:
+                reports.append(report)
+                continue
+            report.projected = True  # estimated at the known test split, and marked so
+            report.samples, report.classes = EXPECTED[spec.kind]
+            report.classnames = known_classnames(spec.kind)
+        else:
+            report.samples, report.classes = len(dataset), len(dataset.classnames)
+            report.classnames = list(dataset.classnames)
         for views in needed_views(settings, name):
             store = FeatureStore.for_views(settings.path("features") / name, views)
             meta = store.read_meta()
@@ -124,7 +149,7 @@ def estimate(settings: Settings, reports: list[DatasetReport], measured_selected
     from .resolve import resolve_run, stream_members
 
     shapes = model_shapes(settings.model.arch)
-    found = {r.name: r for r in reports if r.found}
+    found = {r.name: r for r in reports if r.estimable}
     lengths = {name: sequence_length(settings, r.classnames) for name, r in found.items()}
     runs: dict = {}
     for key, _group in expand_plan(settings):
@@ -160,7 +185,7 @@ def estimate(settings: Settings, reports: list[DatasetReport], measured_selected
     rows.sort(key=lambda r: -r["tflops"])
     total = sum(r["gpu_hours"] for r in rows) + sum(e["gpu_hours"] for e in embed)
     return {"runs": rows, "embed": embed, "throughput_tflops": throughput, "gpu_hours": total,
-            "yardstick": settings.check.describe()}
+            "yardstick": settings.check.describe(), "projected": sorted(r.name for r in reports if r.projected)}
 
 
 def mixture_share(settings: Settings, dataset: str, member_samples: int) -> int:
@@ -211,8 +236,13 @@ def datasets_table(reports: list[DatasetReport]) -> str:
     lines = ["| dataset | kind | found | samples / expected | classes | caches (views: state, size) |",
              "|---|---|---|---|---|---|"]
     for r in reports:
-        if not r.found:
+        if not r.estimable:
             lines.append(f"| {r.name} | {r.kind} | MISSING | – | – | – |")
+            continue
+        if r.projected:
+            total = size_text(sum(c["bytes"] for c in r.caches))
+            lines.append(f"| {r.name} | {r.kind} | MISSING | projected at {r.samples} | {r.classes} | "
+                         f"{len(r.caches)} caches projected, {total} |")
             continue
         expected = "?" if r.expected is None else str(r.expected)
         mark = "" if r.expected is None or r.expected == r.samples else " (differs)"
@@ -237,8 +267,11 @@ def estimate_table(work: dict, top: int | None = None) -> str:
 
 def summary_line(work: dict) -> str:
     top = ", ".join(f"{r['dataset']}/{r['method']} ({r['gpu_hours']:.3g} h)" for r in work["runs"][:3])
+    projected = work.get("projected") or []
+    note = (f"; {len(projected)} missing dataset(s) projected at their known test-split size"
+            f" ({', '.join(projected)})" if projected else "")
     return (f"estimated {work['gpu_hours']:.3g} GPU-hours at {work['throughput_tflops']:.2f} effective TFLOP/s "
-            f"({work['yardstick']}); most expensive: {top or 'none'}")
+            f"({work['yardstick']}); most expensive: {top or 'none'}{note}")
 
 
 def missing_lines(reports: list[DatasetReport]) -> list[str]:

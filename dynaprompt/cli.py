@@ -105,7 +105,7 @@ def check_command(args) -> int:
     reports = check.check_datasets(settings)
     print(check.datasets_table(reports))
     missing = check.missing_lines(reports)
-    if len(missing) < len(reports):
+    if any(report.estimable for report in reports):
         work = check.estimate(settings, reports, check.measured_selection(settings))
         print()
         print(check.estimate_table(work, args.top))
