@@ -154,7 +154,9 @@ def order_effect_test(grid: np.ndarray, resamples: int = 9999, seed: int = 0) ->
         ms_order = n_s * ((rows - grand) ** 2).sum(axis=(-2, -1)) / (n_o - 1)
         ms_resid = ((y - rows - cols + grand) ** 2).sum(axis=(-2, -1)) / ((n_o - 1) * (n_s - 1))
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(ms_resid > 0, ms_order / ms_resid, np.where(ms_order > 0, np.inf, 0.0))
+            # An ordering effect with no scatter at all is the largest F there is; the largest finite float, not
+            # inf, so that scipy's tie tolerance (relative to the observed value) stays defined.
+            return np.where(ms_resid > 0, ms_order / ms_resid, np.where(ms_order > 0, np.finfo(float).max, 0.0))
 
     result = stats.permutation_test([grid[:, s] for s in range(n_s)], f_ordering, permutation_type="pairings",
                                     n_resamples=resamples, alternative="greater", vectorized=True,
@@ -177,7 +179,11 @@ def variance_components(values, orderings, seeds, confidence: float = 0.95, boot
     The model: `fit_crossed` (REML, statsmodels MixedLM). Intervals: percentile parametric bootstrap, `bootstrap`
     grids simulated from the fitted model and refitted. An order-independent method's orderings reorder the same
     records, so SD(order) and the residual are 0 by construction and SD(seed) is the SD over seeds with its
-    chi-square interval. Fewer than 3 orderings or 2 seeds: "too few cells".
+    chi-square interval. A method the seed does not reach (every ordering gives the same accuracy under every
+    seed: it reads only the original view) has no control on this grid: SD(order) is the SD over orderings with
+    its chi-square interval, SD(seed) and the residual are 0, and the verdict says so ("seed has no effect: no
+    control"), instead of a test whose null has nothing to permute against. Fewer than 3 orderings or 2 seeds:
+    "too few cells".
     """
     grid, rows, cols = accuracy_grid(values, orderings, seeds)
     out = {"n_orderings": len(rows), "n_seeds": len(cols), "n_cells": int(np.isfinite(grid).sum()),
@@ -195,6 +201,13 @@ def variance_components(values, orderings, seeds, confidence: float = 0.95, boot
         return {**out, **empty, "sd_order": 0.0, "sd_order_ci": [0.0, 0.0], "sd_seed": sd, "sd_seed_ci": [low, high],
                 "sd_residual": 0.0, "sd_residual_ci": [0.0, 0.0], "verdict": "order-independent",
                 "interval": "SD over seeds, chi-square interval"}
+    if not order_independent and np.all(grid == grid[:, :1]):
+        sd = float(grid[:, 0].std(ddof=1))
+        df = len(rows) - 1
+        low, high = (math.sqrt(df * sd**2 / stats.chi2.ppf(q, df)) for q in (1 - alpha, alpha))
+        return {**out, **empty, "sd_order": sd, "sd_order_ci": [low, high], "sd_seed": 0.0, "sd_seed_ci": [0.0, 0.0],
+                "sd_residual": 0.0, "sd_residual_ci": [0.0, 0.0], "verdict": "seed has no effect: no control",
+                "interval": "SD over orderings, chi-square interval (the seed does not change the records)"}
     try:
         mu, v_order, v_seed, v_resid = fit_crossed(grid)
     except (np.linalg.LinAlgError, ValueError) as error:

@@ -112,7 +112,10 @@ def order_vs_chance_section(doc: Document, metrics: dict, config: Settings) -> N
             "interaction and noise), from a crossed random-effects model (REML; 95% intervals by parametric "
             "bootstrap), and a permutation test of the ordering within seeds (Anderson & ter Braak 2003): "
             "'order > chance' says the orderings' effect is consistent across seeds beyond the scatter; 'not "
-            "distinguishable from chance' says the order moves accuracy no more than any perturbation does.")
+            "distinguishable from chance' says the order moves accuracy no more than any perturbation does; 'seed "
+            "has no effect: no control' marks a method that reads only the original view (its records are the "
+            "same under every seed), for which the seed is no perturbation and the grid cannot tell order from "
+            "chance: its SD(order) is the plain SD over orderings.")
     by_stream = {}
     for row in metrics["variance_components"]:
         by_stream.setdefault(row["dataset"], []).append(row)
@@ -198,7 +201,7 @@ def ablation_section(doc: Document, metrics: dict, config: Settings) -> None:
             figure("ablation_margins.png"))
 
 
-def collapse_section(doc: Document, metrics: dict) -> None:
+def collapse_section(doc: Document, metrics: dict, block_size: int) -> None:
     rows, cyclic, wins = [], [], []
     for dataset, methods in metrics["datasets"].items():
         for method, m in methods.items():
@@ -217,10 +220,15 @@ def collapse_section(doc: Document, metrics: dict) -> None:
                 wins.append({"dataset": dataset, "method": method, "wins": f"{m['wins_vs_zero_shot']:.1f}",
                              "losses": f"{m['losses_vs_zero_shot']:.1f}",
                              "net": f"{m['wins_vs_zero_shot'] - m['losses_vs_zero_shot']:+.1f}"})
+    counts = [{"dataset": d, "method": m, "runs collapsed": f"{len(v['collapsed_cells'])} of {len(v['per_cell'])}"}
+              for d, ms in metrics["datasets"].items() for m, v in ms.items() if v.get("collapsed_cells")]
     doc.add("## What collapsed",
             f"Order-dependent runs whose last block falls more than {metrics['collapse_margin']:g} below zero-shot "
-            "on the same samples, or below their own first block (gains over zero-shot compared).",
-            table(rows) if rows else "No run collapsed.")
+            "on the same samples, or below their own first block (gains over zero-shot compared). One block's "
+            f"accuracy ({block_size} samples) has a binomial SE of up to {50 / block_size ** 0.5:.1f} points, so a drop of "
+            f"{100 * metrics['collapse_margin']:g} points in one run of many can be chance: a method collapses "
+            "where most of its runs do. Per method, then per run:",
+            *([table(counts), table(rows)] if rows else ["No run collapsed."]))
     if cyclic:
         doc.add("## Cyclic streams: is a domain's memory still there when it returns?",
                 "Entries (prompts, cached features) appended during a domain's block, and how many were deleted "
@@ -340,7 +348,7 @@ def build_report(config: Settings) -> dict:
     differences_section(doc, metrics)
     figures_section(doc)
     ablation_section(doc, metrics, config)
-    collapse_section(doc, metrics)
+    collapse_section(doc, metrics, config.run.block_size)
     evidence_section(doc, metrics, config)
     statistics_section(doc, metrics)
     (reports_dir / "report.md").write_text(doc.markdown())
@@ -368,9 +376,10 @@ def main() -> None:
     except InvalidResults as error:
         fail(str(error))
     attach_to_sweep(config)
-    flagged = [f"{d}/{m}" for d, ms in metrics["datasets"].items() for m, v in ms.items() if v["collapsed"]]
+    flagged = [f"{d}/{m} ({len(v['collapsed_cells'])}/{len(v['per_cell'])})"
+               for d, ms in metrics["datasets"].items() for m, v in ms.items() if v["collapsed"]]
     print(f"report: {metrics['runs']} runs -> {config.path('reports') / 'report.html'}; "
-          f"collapsed: {', '.join(flagged) or 'none'}")
+          f"collapsed (runs of the grid): {', '.join(flagged) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,21 @@ def test_online_tpt_collapses_and_tpt_does_not(built):
         assert not methods["zero_shot"]["collapsed"]
 
 
+def test_first_against_last_block_only_where_they_hold_the_same_classes_and_domains(built):
+    """Class-blocked and cyclic orderings start and end on other classes or domains: only zero-shot on the same
+    samples decides a collapse there."""
+    _, _, _, metrics = built
+    kinds = {name: spec["kind"] for name, spec in ORDERINGS.items()}
+    checked = 0
+    for methods in metrics["datasets"].values():
+        for m in methods.values():
+            for cell, e in m["per_cell"].items():
+                if kinds[cell.split("~")[0]] in ("class_blocked", "cyclic"):
+                    assert not e["below_first_block"] and e["collapsed"] == e["below_zero_shot"]
+                    checked += 1
+    assert checked > 0
+
+
 def test_ablation_keys_for_dvc_metrics(built):
     _, _, _, metrics = built
     variants = {r["variant"] for r in metrics["ablation"]}

@@ -146,6 +146,26 @@ def test_order_independent_methods_get_the_seed_spread_only():
     assert vc["sd_seed_ci"][0] < vc["sd_seed"] < vc["sd_seed_ci"][1]
 
 
+def test_a_method_the_seed_does_not_reach_has_no_control():
+    """OnZeta, ECALP, TCA read only the original view: every seed gives the same records, so the grid's rows are
+    constant and the seed is no perturbation. No test is run; SD(order) is the plain SD over orderings."""
+    by_ordering = [0.36, 0.29, 0.33, 0.35, 0.38, 0.16, 0.18]
+    values = [a for a in by_ordering for _ in range(3)]
+    orderings = [f"o{o}" for o in range(7) for _ in range(3)]
+    vc = st.variance_components(values, orderings, [0, 1, 2] * 7, bootstrap=10, resamples=999)
+    assert vc["verdict"] == "seed has no effect: no control" and vc["p_value"] is None
+    assert vc["sd_order"] == pytest.approx(np.std(by_ordering, ddof=1)) and vc["sd_seed"] == 0
+    assert vc["sd_order_ci"][0] < vc["sd_order"] < vc["sd_order_ci"][1]
+
+
+def test_an_order_effect_without_any_scatter_gets_a_proper_p_value():
+    """y = order + seed exactly (no residual): F is the largest float, and the p-value counts the permutations that
+    keep it, never 0."""
+    grid = np.array([0.1, 0.5, 0.3, 0.7])[:, None] + np.array([0.0, 0.02, 0.05])[None, :]
+    test = st.order_effect_test(grid, resamples=2000, seed=0)
+    assert np.isfinite(test["statistic"]) and 0 < test["p_value"] < 0.05
+
+
 def test_too_few_cells_and_the_tail():
     vc = st.variance_components([0.5, 0.6, 0.7, 0.4], ["a", "a", "b", "b"], [0, 1, 0, 1])
     assert vc["verdict"] == "too few cells" and vc["sd_order"] is None

@@ -18,7 +18,8 @@ FIGURES = {  # file -> what the figure shows (its alt text and caption)
                            "run).",
     "order_vs_seed.png": "Per method and stream: SD of accuracy due to the ordering against SD due to the "
                          "augmentation seed (95% intervals); above the diagonal, the order moves accuracy more than "
-                         "the seed does.",
+                         "the seed does. Hollow markers: methods that read only the original view, which the seed "
+                         "does not reach (no control).",
     "buffer_dynamics.png": "Memory over the stream, a row per method that keeps one: its size (DynaPrompt: "
                            "prompts in the buffer; TDA, TCA, DPE: cache entries; BoostAdapter: historical and "
                            "negative cache entries; DMN: memory slots; ECALP: graph nodes) with cumulative appends "

@@ -373,9 +373,10 @@ def order_vs_seed(rows: list[dict], target: Path, dpi: int) -> None:
     for r in rows:
         x, y = 100 * r["sd_seed"], 100 * r["sd_order"]
         (xl, xh), (yl, yh) = [(100 * (lo or 0), 100 * (hi or 0)) for lo, hi in (r["sd_seed_ci"], r["sd_order_ci"])]
+        uncontrolled = r["verdict"].startswith("seed has no effect")  # drawn hollow: no control on this grid
         ax.errorbar(x, y, xerr=[[max(x - xl, 0)], [max(xh - x, 0)]], yerr=[[max(y - yl, 0)], [max(yh - y, 0)]],
                     fmt=markers[streams.index(r["dataset"]) % len(markers)], color=colors[r["method"]], ms=6,
-                    capsize=2, alpha=0.85, elinewidth=0.8)
+                    capsize=2, alpha=0.85, elinewidth=0.8, markerfacecolor="none" if uncontrolled else None)
         top = max(top, xh, yh)
     ax.plot([0, top], [0, top], "k--", linewidth=0.8)
     ax.set_xlim(0, top * 1.05)
@@ -386,6 +387,9 @@ def order_vs_seed(rows: list[dict], target: Path, dpi: int) -> None:
     handles = [Patch(color=colors[m], label=m) for m in methods]
     handles += [Line2D([], [], marker=markers[i % len(markers)], ls="none", color="0.3", label=s)
                 for i, s in enumerate(streams)]
+    if any(r["verdict"].startswith("seed has no effect") for r in rows):
+        handles.append(Line2D([], [], marker="o", ls="none", color="0.3", markerfacecolor="none",
+                              label="hollow: the seed does not\nreach it (no control)"))
     if handles:
         figure.legend(handles=handles, fontsize=MIN_FONT, frameon=False, loc="outside right upper",
                       ncol=1 if len(handles) <= 22 else 2)

@@ -35,7 +35,8 @@ DEFINITIONS = {
     "order_test": "permutation F test of ordering within seeds (Anderson & ter Braak 2003, J. Stat. Comput. Simul. "
                   "73:85): each seed's column of accuracies permuted across orderings, F = MS(ordering) / "
                   "MS(residual) of the two-way ANOVA; 'order > chance' when p < 1 - confidence, i.e. the "
-                  "orderings' effect is consistent across seeds beyond the ordering-by-seed scatter",
+                  "orderings' effect is consistent across seeds beyond the ordering-by-seed scatter; not run where "
+                  "the seed does not change the records ('seed has no effect: no control')",
     "tail_accuracy": "expected tail accuracy: the mean accuracy of the worst 10% of the grid's runs (at least "
                      "one), as OGA (cfuchs2023/OGA) reports it: what a user should expect in a bad case",
     "vs_reference": "accuracy minus the reference's (zero-shot or TPT) at the same seed, paired by sample within "
@@ -44,7 +45,8 @@ DEFINITIONS = {
                     "per-sample mean difference (n = samples, resampled with replacement, paired across cells)",
     "collapse": "an order-dependent run collapses when its last block falls more than collapse_margin below "
                 "zero-shot on the same samples, or below its own first block (both measured against zero-shot on "
-                "the block's samples; not on class-blocked orderings, whose blocks hold different classes); "
+                "the block's samples; not on class-blocked or cyclic orderings, whose first and last blocks hold "
+                "different classes or domains, where a gain differs by itself); "
                 "order-independent methods carry no state and cannot collapse",
 }
 
@@ -146,8 +148,9 @@ def collapse_check(results: Results, row, margin: float) -> dict:
     """First and last block against zero-shot on the same samples; collapsed when either falls past `margin`.
 
     Order-independent methods carry no state, so their block-to-block changes are the classes' own; on a
-    class-blocked ordering the first and last blocks hold different classes, so only zero-shot on the same
-    samples is a fair reference there.
+    class-blocked ordering the first and last blocks hold different classes, and on a cyclic one different
+    domains (where the gain over zero-shot differs by itself), so only zero-shot on the same samples is a fair
+    reference there.
     """
     records = results.records_of(row.dataset, row.method, row.cell)
     blocks = list(row.block_accuracy)
@@ -155,7 +158,8 @@ def collapse_check(results: Results, row, margin: float) -> dict:
     gain_first, gain_last = blocks[0] - zs[0], blocks[-1] - zs[-1]
     stateful = not row.order_independent
     below_zero_shot = stateful and bool(gain_last < -margin)
-    below_first = stateful and row.ordering_kind != "class_blocked" and bool(gain_last < gain_first - margin)
+    below_first = (stateful and row.ordering_kind not in ("class_blocked", "cyclic")
+                   and bool(gain_last < gain_first - margin))
     return {"first_block": blocks[0], "last_block": blocks[-1], "zero_shot_first_block": zs[0],
             "zero_shot_last_block": zs[-1], "below_zero_shot": below_zero_shot, "below_first_block": below_first,
             "collapsed": below_zero_shot or below_first}
