@@ -377,10 +377,11 @@ def order_vs_seed(rows: list[dict], target: Path, dpi: int) -> None:
         ax.errorbar(x, y, xerr=[[max(x - xl, 0)], [max(xh - x, 0)]], yerr=[[max(y - yl, 0)], [max(yh - y, 0)]],
                     fmt=markers[streams.index(r["dataset"]) % len(markers)], color=colors[r["method"]], ms=6,
                     capsize=2, alpha=0.85, elinewidth=0.8, markerfacecolor="none" if uncontrolled else None)
-        top = max(top, xh, yh)
+        top = max(top, x, y)  # the estimates set the scale; wider intervals run off the axes
+    top *= 1.25
     ax.plot([0, top], [0, top], "k--", linewidth=0.8)
-    ax.set_xlim(0, top * 1.05)
-    ax.set_ylim(0, top * 1.05)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
     ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("SD(seed): accuracy points due to the augmentation seed")
     ax.set_ylabel("SD(order): accuracy points due to the ordering")
