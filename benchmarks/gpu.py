@@ -1,4 +1,4 @@
-"""The GPU figures in one command, for whoever has a GPU: `benchmarks/gpu.sh` (about 8 minutes on one GPU).
+"""The GPU figures in one command, for whoever has a GPU: `benchmarks/gpu.sh` (an estimated 8 minutes on one GPU, not yet measured).
 
     benchmarks/gpu.sh [--device cuda] [--quick] [--out reports/benchmark-gpu.json]
 
@@ -7,7 +7,8 @@ At ViT-B/16 with random weights (nothing is downloaded), each part through the b
    one-by-one runs (`benchmarks.bench`);
 2. peak memory of one step, chunked under `run.max_text_tokens` against one pass (`benchmarks.memory`);
 3. embed samples/s, DataLoader against serial (`benchmarks.embed`);
-4. two processes sharing the GPU against one (`benchmarks.share`).
+4. two processes sharing the GPU against one (`benchmarks.share`);
+5. the effective text-encoder TFLOP/s of TPT at C = 1000, the figure `check.tflops_per_second` takes.
 It writes `--out` (JSON) and a Markdown table next to it (`.md`) to paste into docs/benchmark.md.
 `--device cpu --quick` runs every part at the bundled tiny size in well under a minute (the tests do).
 """
@@ -42,6 +43,7 @@ def run(device: str, quick: bool, out: Path) -> dict:
         report["lockstep"] += [{"classes": classes, **{k: r[k] for k in ("method", "orderings", "throughput_ratio",
                                                                           "identical_predictions", "samples_total")}}
                                for r in result["lockstep"]]
+    report["tflops_per_second"] = effective_tflops(size["arch"], report["speed"])
     report["memory"] = memory.main(["--arch", size["arch"], "--classes", ",".join(map(str, size["classes"])),
                                     "--device", device, "--out", str(out.with_name(out.stem + "-memory.json"))])
     report["embed"] = embed.main(["--arch", size["arch"], "--samples", str(size["embed_samples"]), "--augmix",
@@ -55,6 +57,20 @@ def run(device: str, quick: bool, out: Path) -> dict:
     out.with_suffix(".md").write_text(markdown(report) + "\n")
     print(markdown(report))
     return report
+
+
+def effective_tflops(arch: str, speed: list[dict]) -> float | None:
+    """TPT's text FLOPs per sample over its measured seconds per sample, at the largest C: the throughput
+    `check.tflops_per_second` takes, so that `dynaprompt check` estimates in this GPU's hours."""
+    from benchmarks.stream import benchmark_classnames
+    from dynaprompt.check import tpt_text_flops
+
+    rows = [r for r in speed if r["method"] == "tpt" and r["library_ms"]]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: r["classes"])
+    flops = tpt_text_flops(arch, benchmark_classnames(row["classes"]))  # the names the bench encoded
+    return round(flops / (row["library_ms"] / 1000) / 1e12, 3)
 
 
 def markdown(report: dict) -> str:
@@ -72,6 +88,8 @@ def markdown(report: dict) -> str:
                  f"samples/s, DataLoader {e['loader_samples_per_s']} samples/s ({e['speedup']}x), identical features: "
                  f"{e['identical_features']}. Two workers sharing the device: {s['ratio']}x one worker's throughput "
                  f"({s['method']}, C={s['classes']}).")
+    lines.append(f"Effective text-encoder throughput (TPT at the largest C): {report['tflops_per_second']} TFLOP/s: "
+                 "set `check.tflops_per_second` to it for `dynaprompt check`'s estimate in this device's hours.")
     return "\n".join(lines)
 
 

@@ -84,15 +84,27 @@ def known_classnames(kind: str) -> list:
 def sequence_length(settings: Settings, classnames: list) -> int:
     """The prompt's token length after the end-of-text cut, for these class names (tokenizer only); without names
     (a projected fine-grained set), the length ImageNet's 1000 names give, as a stand-in."""
+    words = settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
+    return prompt_length(settings.model.arch, words, classnames or known_classnames("imagenet"))
+
+
+def prompt_length(arch: str, context_words: str, classnames: list) -> int:
+    """Tokens up to and including the last end-of-text token of '<context words> <class name>.' over the names."""
     import open_clip
 
     from .model import register_arch
 
-    classnames = classnames or known_classnames("imagenet")
-    tokenizer = open_clip.get_tokenizer(register_arch(settings.model.arch))
-    words = settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
-    tokens = tokenizer([f"{words} {name.replace('_', ' ')}." for name in classnames])
+    tokenizer = open_clip.get_tokenizer(register_arch(arch))
+    tokens = tokenizer([f"{context_words} {name.replace('_', ' ')}." for name in classnames])
     return int(tokens.argmax(-1).max()) + 1
+
+
+def tpt_text_flops(arch: str, classnames: list, context_words: str = "a photo of a", steps: int = 1) -> float:
+    """FLOPs of TPT's text work on one sample (a step's forward and backward, then the prediction), as `estimate`
+    counts them: what a measured ms/sample turns into an effective throughput for `check.tflops_per_second`."""
+    shapes, length = model_shapes(arch), prompt_length(arch, context_words, classnames)
+    passes = text_passes("tpt", None, steps, 0.0)
+    return passes * len(classnames) * length * shapes["text_layers"] * layer_flops(shapes["text_width"], length)
 
 
 def check_datasets(settings: Settings, names: list | None = None) -> list[DatasetReport]:
@@ -203,10 +215,8 @@ def tflops_per_second(settings: Settings) -> float:
     config = settings.check
     if config.tflops_per_second:
         return float(config.tflops_per_second)
-    shapes = model_shapes(settings.model.arch)
-    names = subset_classnames("imagenet_a")  # the yardstick's dataset: 200 classes
-    length = sequence_length(settings, names)
-    per_sample = (3 + 1) * len(names) * length * shapes["text_layers"] * layer_flops(shapes["text_width"], length)
+    words = settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
+    per_sample = tpt_text_flops(settings.model.arch, subset_classnames("imagenet_a"), words)  # the yardstick: 200
     return per_sample / config.yardstick_seconds_per_sample / 1e12
 
 

@@ -96,6 +96,7 @@ def test_the_gpu_script_runs_every_part_on_cpu_at_the_tiny_size(tmp_path):
         (c, m, chunked) for c in (10, 20) for m in ("tpt", "dynaprompt") for chunked in (False, True)}
     assert report["embed"]["identical_features"] and report["share"]["ratio"] > 0
     assert "| C | method |" in out.with_suffix(".md").read_text()
+    assert report["tflops_per_second"] > 0 and "check.tflops_per_second" in out.with_suffix(".md").read_text()
 
 
 def test_the_peers_benchmark_times_every_training_free_peer_and_fills_its_memory(tmp_path, capsys):
