@@ -1,4 +1,5 @@
-"""The GPU figures in one command, for whoever has a GPU: `benchmarks/gpu.sh` (an estimated 8 minutes on one GPU, not yet measured).
+"""The GPU figures in one command, for whoever has a GPU: `benchmarks/gpu.sh` (an estimated 8 minutes on one GPU,
+not yet measured).
 
     benchmarks/gpu.sh [--device cuda] [--quick] [--out reports/benchmark-gpu.json]
 

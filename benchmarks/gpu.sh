@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (benchmarks/gpu.py): ViT-B/16 with random weights, an estimated 8 minutes on one GPU, not yet measured.
+# The GPU benchmark in one command (benchmarks/gpu.py): ViT-B/16 with random weights, an estimated 8 minutes on
+# one GPU (not yet measured).
 #   benchmarks/gpu.sh                        # on cuda -> reports/benchmark-gpu.json and .md
 #   benchmarks/gpu.sh --device cpu --quick   # every part at the tiny size (what the tests run)
 set -euo pipefail
