@@ -171,6 +171,12 @@ def tail_accuracy(values, fraction: float = 0.1) -> float:
     return float(values[: max(1, math.ceil(fraction * len(values)))].mean())
 
 
+def sd_with_interval(values: np.ndarray, alpha: float) -> tuple[float, tuple[float, float]]:
+    """The sample SD (ddof 1) and its chi-square interval, for a factor that is the grid's only source of spread."""
+    sd, df = float(np.std(values, ddof=1)), len(values) - 1
+    return sd, tuple(math.sqrt(df * sd**2 / stats.chi2.ppf(q, df)) for q in (1 - alpha, alpha))
+
+
 def variance_components(values, orderings, seeds, confidence: float = 0.95, bootstrap: int = 100,
                         resamples: int = 9999, seed: int = 0, order_independent: bool = False) -> dict:
     """SD(order), SD(seed), SD(residual) of run accuracy on an orderings x seeds grid, with intervals and the
@@ -194,17 +200,12 @@ def variance_components(values, orderings, seeds, confidence: float = 0.95, boot
         return {**out, **empty, "verdict": "too few cells", "interval": None}
     alpha = (1 - confidence) / 2
     if order_independent:
-        seed_means = grid.mean(axis=0)
-        sd = float(seed_means.std(ddof=1))
-        df = len(cols) - 1
-        low, high = (math.sqrt(df * sd**2 / stats.chi2.ppf(q, df)) for q in (1 - alpha, alpha))
+        sd, (low, high) = sd_with_interval(grid.mean(axis=0), alpha)
         return {**out, **empty, "sd_order": 0.0, "sd_order_ci": [0.0, 0.0], "sd_seed": sd, "sd_seed_ci": [low, high],
                 "sd_residual": 0.0, "sd_residual_ci": [0.0, 0.0], "verdict": "order-independent",
                 "interval": "SD over seeds, chi-square interval"}
     if not order_independent and np.all(grid == grid[:, :1]):
-        sd = float(grid[:, 0].std(ddof=1))
-        df = len(rows) - 1
-        low, high = (math.sqrt(df * sd**2 / stats.chi2.ppf(q, df)) for q in (1 - alpha, alpha))
+        sd, (low, high) = sd_with_interval(grid[:, 0], alpha)
         return {**out, **empty, "sd_order": sd, "sd_order_ci": [low, high], "sd_seed": 0.0, "sd_seed_ci": [0.0, 0.0],
                 "sd_residual": 0.0, "sd_residual_ci": [0.0, 0.0], "verdict": "seed has no effect: no control",
                 "interval": "SD over orderings, chi-square interval (the seed does not change the records)"}
