@@ -84,8 +84,12 @@ def known_classnames(kind: str) -> list:
 def sequence_length(settings: Settings, classnames: list) -> int:
     """The prompt's token length after the end-of-text cut, for these class names (tokenizer only); without names
     (a projected fine-grained set), the length ImageNet's 1000 names give, as a stand-in."""
-    words = settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
-    return prompt_length(settings.model.arch, words, classnames or known_classnames("imagenet"))
+    return prompt_length(settings.model.arch, context_words(settings), classnames or known_classnames("imagenet"))
+
+
+def context_words(settings: Settings) -> str:
+    """The words the prompt's context stands in for (v0), or placeholders for a random init of n_ctx tokens."""
+    return settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
 
 
 def prompt_length(arch: str, context_words: str, classnames: list) -> int:
@@ -215,8 +219,8 @@ def tflops_per_second(settings: Settings) -> float:
     config = settings.check
     if config.tflops_per_second:
         return float(config.tflops_per_second)
-    words = settings.prompt.ctx_init or " ".join(["X"] * settings.prompt.n_ctx)
-    per_sample = tpt_text_flops(settings.model.arch, subset_classnames("imagenet_a"), words)  # the yardstick: 200
+    names = subset_classnames("imagenet_a")  # the yardstick's dataset: 200 classes
+    per_sample = tpt_text_flops(settings.model.arch, names, context_words(settings))
     return per_sample / config.yardstick_seconds_per_sample / 1e12
 
 
