@@ -201,6 +201,12 @@ def ablation_section(doc: Document, metrics: dict, config: Settings) -> None:
             figure("ablation_margins.png"))
 
 
+def collapse_counts(metrics: dict) -> list[tuple[str, str, int, int]]:
+    """(dataset, method, collapsed runs, runs) for every method with a collapsed run."""
+    return [(d, m, len(v["collapsed_cells"]), len(v["per_cell"])) for d, ms in metrics["datasets"].items()
+            for m, v in ms.items() if v.get("collapsed_cells")]
+
+
 def collapse_section(doc: Document, metrics: dict, block_size: int) -> None:
     rows, cyclic, wins = [], [], []
     for dataset, methods in metrics["datasets"].items():
@@ -220,13 +226,12 @@ def collapse_section(doc: Document, metrics: dict, block_size: int) -> None:
                 wins.append({"dataset": dataset, "method": method, "wins": f"{m['wins_vs_zero_shot']:.1f}",
                              "losses": f"{m['losses_vs_zero_shot']:.1f}",
                              "net": f"{m['wins_vs_zero_shot'] - m['losses_vs_zero_shot']:+.1f}"})
-    counts = [{"dataset": d, "method": m, "runs collapsed": f"{len(v['collapsed_cells'])} of {len(v['per_cell'])}"}
-              for d, ms in metrics["datasets"].items() for m, v in ms.items() if v.get("collapsed_cells")]
+    counts = [{"dataset": d, "method": m, "runs collapsed": f"{k} of {n}"} for d, m, k, n in collapse_counts(metrics)]
     doc.add("## What collapsed",
             f"Order-dependent runs whose last block falls more than {metrics['collapse_margin']:g} below zero-shot "
             "on the same samples, or below their own first block (gains over zero-shot compared). One block's "
-            f"accuracy ({block_size} samples) has a binomial SE of up to {50 / block_size ** 0.5:.1f} points, so a drop of "
-            f"{100 * metrics['collapse_margin']:g} points in one run of many can be chance: a method collapses "
+            f"accuracy ({block_size} samples) has a binomial SE of up to {50 / block_size ** 0.5:.1f} points, so a "
+            f"drop of {100 * metrics['collapse_margin']:g} points in one run of many can be chance: a method collapses "
             "where most of its runs do. Per method, then per run:",
             *([table(counts), table(rows)] if rows else ["No run collapsed."]))
     if cyclic:
@@ -376,8 +381,7 @@ def main() -> None:
     except InvalidResults as error:
         fail(str(error))
     attach_to_sweep(config)
-    flagged = [f"{d}/{m} ({len(v['collapsed_cells'])}/{len(v['per_cell'])})"
-               for d, ms in metrics["datasets"].items() for m, v in ms.items() if v["collapsed"]]
+    flagged = [f"{d}/{m} ({k}/{n})" for d, m, k, n in collapse_counts(metrics)]
     print(f"report: {metrics['runs']} runs -> {config.path('reports') / 'report.html'}; "
           f"collapsed (runs of the grid): {', '.join(flagged) or 'none'}")
 
