@@ -1,13 +1,20 @@
-"""`dynaprompt ui`: MLflow's UI on the project's database, whose root page opens the experiment's runs.
+"""`dynaprompt ui`: MLflow's UI on the project's database, opening on the experiment's runs from every path.
 
 MLflow 3.17's UI opens every experiment in its GenAI view ("Overview", "Traces 0") unless the link says
 `workflowType=machine_learning` or the browser once chose "Model training": it ignores the experiment's
 `mlflow.experimentKind` tag, and neither `mlflow ui` nor its frontend has a setting for a landing page or a default
 experiment. So `mlflow ui` runs on an internal loopback port behind a small front on the user's port, which passes
-every request through unchanged except the root page: MLflow's own index.html, with one inline script first in its
-<head> that gives a URL without a route (`http://host:port/`) the experiment's runs route before the app starts.
-A status-code redirect cannot do it: the route is the URL's fragment, which never reaches a server, so `/` would
-loop, or every link into the app (`/#/compare-runs?...`) would be sent to the runs as well.
+every request through unchanged except the app's page: MLflow serves the same index.html for every route (the
+route is the URL's fragment, after `#`), and the front puts one inline script first in its <head>, which runs
+before the app's (deferred) script on every route. It
+
+- stores "Model training" as the browser's chosen workflow, where the browser has not chosen one yet, exactly as
+  MLflow's own switch stores it, so an experiment's link (`/#/experiments/<id>`, the one a colleague pastes) and a
+  click in MLflow's experiments list open on the runs table; a browser that chose a workflow keeps its choice;
+- gives a URL without a route (`http://host:port/`) the experiment's runs route.
+
+A status-code redirect cannot do either: the fragment never reaches a server, so `/` would loop, or every link
+into the app (`/#/compare-runs?...`) would be sent to the runs as well.
 
 No mlflow import here (the library stays free of it): the server is the `mlflow` CLI in a subprocess and the
 experiment's id is read from the sqlite file.
@@ -32,6 +39,13 @@ from pathlib import Path
 # headers that belong to one connection, not to the message (RFC 9110 7.6.1), never forwarded
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
               "trailer", "transfer-encoding", "upgrade"}
+
+# where MLflow's frontend keeps the workflow chosen with its sidebar switch, and the value for "Model training":
+# WorkflowTypeProvider (mlflow 3.17.2, server/js/build/static/js/main.*.js, module 7975) reads it with its
+# useLocalStorage hook (module 51653), which stores JSON.stringify(value) under `${key}_v${version}`, here key
+# "mlflow.workflowType", version 1; absent, the workflow is "genai". A `workflowType` URL parameter overrides it.
+WORKFLOW_STORAGE_KEY = "mlflow.workflowType_v1"
+MODEL_TRAINING_WORKFLOW = "machine_learning"
 
 
 def experiment_id(db_file: Path, name: str) -> str:
@@ -79,9 +93,15 @@ def mlflow_environment() -> dict:
 
 
 def landing_script(route: str) -> bytes:
-    """An inline script for MLflow's index.html: a page opened without a route (the root URL) gets `route`."""
-    return (f'<script>(function(){{var h=location.hash;if(!h||h==="#"||h==="#/")history.replaceState(null,"",'
-            f'location.pathname+location.search+{json.dumps(route)});}})();</script>').encode()
+    """An inline script for MLflow's index.html, run on every route before the app: a browser that never chose a
+    workflow gets "Model training" (kept, so MLflow's own links from then on open an experiment on its runs), and a
+    page opened without a route (the root URL) gets `route`. Storage may be refused (a locked-down profile): the
+    route still is set."""
+    remember = (f"try{{if(localStorage.getItem({json.dumps(WORKFLOW_STORAGE_KEY)})===null)"
+                f"localStorage.setItem({json.dumps(WORKFLOW_STORAGE_KEY)},"
+                f"{json.dumps(json.dumps(MODEL_TRAINING_WORKFLOW))});}}catch(e){{}}")
+    return (f'<script>(function(){{{remember}var h=location.hash;if(!h||h==="#"||h==="#/")history.replaceState('
+            f'null,"",location.pathname+location.search+{json.dumps(route)});}})();</script>').encode()
 
 
 def with_landing(page: bytes, route: str) -> bytes:
@@ -92,10 +112,12 @@ def with_landing(page: bytes, route: str) -> bytes:
 
 
 class Front(BaseHTTPRequestHandler):
-    """Every request passed to the upstream server as it came; the root page's HTML gains the landing script.
+    """Every request passed to the upstream server as it came; the app's page (`/`, whatever the route after `#`)
+    gains the landing script.
 
     The route after `#` never reaches a server, so `/` cannot be redirected by status code without also
-    redirecting every link into the app (`/#/compare-runs?...`): the script sends only a URL without a route on.
+    redirecting every link into the app (`/#/compare-runs?...`): the script sends only a URL without a route on,
+    and leaves every other route to the app, with "Model training" as the workflow a fresh browser starts in.
     """
 
     upstream: tuple[str, int] = ("127.0.0.1", 0)
@@ -122,7 +144,7 @@ class Front(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else None
 
     def forward(self) -> None:
-        root_page = self.command == "GET" and self.path.split("?", 1)[0] == "/"
+        app_page = self.command == "GET" and self.path.split("?", 1)[0] == "/"
         body = self.request_body()
         upstream = http.client.HTTPConnection(*self.upstream, timeout=600)
         try:
@@ -130,7 +152,7 @@ class Front(BaseHTTPRequestHandler):
             for key, value in self.headers.items():
                 lower = key.lower()
                 if lower not in HOP_BY_HOP and lower != "content-length" and not (
-                        root_page and lower in ("accept-encoding", "if-none-match", "if-modified-since")):
+                        app_page and lower in ("accept-encoding", "if-none-match", "if-modified-since")):
                     upstream.putheader(key, value)
             if body is not None:
                 upstream.putheader("Content-Length", str(len(body)))
@@ -143,7 +165,7 @@ class Front(BaseHTTPRequestHandler):
         try:
             headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
             page = None
-            if root_page and response.status == 200 and "html" in response.getheader("Content-Type", ""):
+            if app_page and response.status == 200 and "html" in response.getheader("Content-Type", ""):
                 page = with_landing(response.read(), self.route)
                 stale = {"content-length", "etag", "last-modified", "cache-control", "expires"}
                 headers = [(k, v) for k, v in headers if k.lower() not in stale]

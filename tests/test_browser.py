@@ -19,12 +19,15 @@ import urllib.request
 
 import pytest
 
+from dynaprompt.ui import WORKFLOW_STORAGE_KEY
+
 from .conftest import free_port, sweep_params
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                   "--disable-background-networking", "--disable-component-update"]
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+EXPERIMENT_TAB = re.compile(r"#/experiments/\d+/(\w+)")  # MLflow's route to one of an experiment's tabs
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,12 @@ def mlflow_ui(dynaprompt_ui):
     return dynaprompt_ui[0]
 
 
+def fresh_profile(driver, folder):
+    """A browser profile that never saw MLflow: its own empty folder, so no stored workflow and no cookies."""
+    return driver.chromium.launch_persistent_context(str(folder), executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
+                                                     viewport={"width": 1600, "height": 1000})
+
+
 def api(url: str, path: str, body: dict) -> dict:
     """POST to MLflow's REST API."""
     request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
@@ -114,8 +123,7 @@ def test_the_root_page_opens_the_experiments_runs_in_a_fresh_browser(driver, dyn
     names = sorted(run["info"]["run_name"] for run in api(url, "runs/search", {
         "experiment_ids": [experiment], "filter": "tags.kind = 'run'", "max_results": 100})["runs"])
     assert len(names) == swept[2]["runs"] and all(re.fullmatch(r"toy-a/[a-z_]+/[a-z]+-\d+", n) for n in names)
-    context = driver.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                        args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000})
+    context = fresh_profile(driver, tmp_path / "profile")
     try:
         page = context.pages[0] if context.pages else context.new_page()
         page.goto(f"{url}/")
@@ -147,23 +155,61 @@ def test_the_printed_link_opens_the_experiment_on_its_runs_with_children_nested(
     assert page.get_by_text("toy-a/dynaprompt/shuffle-0").count() == 0  # children are nested, folded
     page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # unfold the sweep
     page.get_by_text("toy-a/dynaprompt/shuffle-0").first.wait_for(timeout=30000)
-    # MLflow 3.17 keeps the view a user picks with its switch: once "Model training" is chosen on the experiment
-    # list, the experiment's link opens on its runs too (the URL parameter alone does not persist)
     page.close()
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(f"{mlflow_ui}/#/experiments")
-    page.get_by_text("Model training", exact=True).first.wait_for(timeout=60000)
-    page.get_by_text("Model training", exact=True).first.click()
-    page.wait_for_timeout(2000)
-    page.goto(f"{mlflow_ui}/#/experiments")
-    link = page.get_by_role("link", name="test", exact=True).first
-    link.wait_for(timeout=60000)
-    page.wait_for_timeout(2000)  # the list re-renders once its experiments arrive
-    link.click()
-    page.wait_for_function("() => location.hash.includes('/runs') || location.hash.includes('/overview')",
+
+
+def opened_tab(page) -> str:
+    """The experiment's tab MLflow settles on (runs, overview, traces, ...) once its redirect has run."""
+    page.wait_for_function("pattern => new RegExp(pattern).test(location.hash)", arg=EXPERIMENT_TAB.pattern,
                            timeout=60000)
-    assert "/runs" in page.url
-    page.close()
+    return EXPERIMENT_TAB.search(page.url).group(1)
+
+
+@pytest.mark.parametrize("path", ["the experiment's link", "a click in the experiments list"])
+def test_every_path_into_the_experiment_opens_its_runs_in_a_fresh_browser(driver, dynaprompt_ui, path, tmp_path):
+    """`/#/experiments/<id>` (the link a colleague pastes) and a click on the experiment in MLflow's own list, in
+    a profile that never chose a workflow: the runs table (the sweep's row), not the GenAI Overview or Traces."""
+    url, _ = dynaprompt_ui
+    experiment = experiment_id(url)
+    context = fresh_profile(driver, tmp_path / "profile")
+    try:
+        page = context.pages[0] if context.pages else context.new_page()
+        if path == "the experiment's link":
+            page.goto(f"{url}/#/experiments/{experiment}")
+        else:
+            page.goto(f"{url}/#/experiments")
+            link = page.get_by_role("link", name="test", exact=True).first
+            link.wait_for(timeout=60000)
+            assert "workflowType" not in (link.get_attribute("href") or "")  # MLflow's own link, not ours
+            link.click()
+        assert opened_tab(page) == "runs", page.url
+        page.get_by_role("heading", name="Runs").wait_for(timeout=60000)
+        page.get_by_text(re.compile(r"^sweep \d{8}-\d{6}")).first.wait_for(timeout=30000)  # a run's name
+        assert page.get_by_text("Traces 0").count() == 0 and page.get_by_text("Overview", exact=True).count() == 0
+        # what MLflow's switch would have stored for "Model training": its links keep opening the runs
+        assert page.evaluate("key => localStorage.getItem(key)", WORKFLOW_STORAGE_KEY) == '"machine_learning"'
+    finally:
+        context.close()
+
+
+def test_a_browser_that_chose_genai_keeps_its_choice(driver, dynaprompt_ui, tmp_path):
+    """The script sets the workflow only where none was chosen: a user who picked GenAI in MLflow's switch keeps
+    it, and the printed link still opens the runs (its route says workflowType)."""
+    url, _ = dynaprompt_ui
+    experiment = experiment_id(url)
+    context = fresh_profile(driver, tmp_path / "profile")
+    try:
+        page = context.pages[0] if context.pages else context.new_page()
+        page.goto(f"{url}/#/experiments")
+        page.evaluate("key => localStorage.setItem(key, JSON.stringify('genai'))", WORKFLOW_STORAGE_KEY)  # the switch
+        for link, tabs in ((f"{url}/#/experiments/{experiment}", ("overview", "traces")),
+                           (runs_link(url, experiment), ("runs",))):
+            page.goto("about:blank")  # a new page load each time, so the app reads what is stored
+            page.goto(link)
+            assert opened_tab(page) in tabs, page.url
+        assert page.evaluate("key => localStorage.getItem(key)", WORKFLOW_STORAGE_KEY) == '"genai"'
+    finally:
+        context.close()
 
 
 def test_comparing_three_runs_plots_the_block_metric(browser, mlflow_ui, swept):
