@@ -1,14 +1,15 @@
 """Benchmark: per-sample latency of every method, the library against its plain reference.
 
     python -m benchmarks.bench [--arch tiny-clip|ViT-B-16] [--classes 200] [--samples N] [--views 64]
-        [--buffer-size 10] [--threads 2] [--device cpu|cuda] [--out reports/benchmark.json]
+        [--buffer-size 10] [--max-text-tokens 0] [--threads 2] [--device cpu|cuda] [--out reports/benchmark.json]
 
 Everything runs in one process, on a random-weight CLIP (no download) and random images, so the numbers are
 ratios measured side by side on the same machine at the same time. For each method:
 
 - library: `dynaprompt.methods` over view features from a cache built once through the embed stage's path
-  (`CachedViewSource.build`); truncated text context; DynaPrompt with carried text features, metrics without
-  grad and forward+backward of the selected prompts only.
+  (`CachedViewSource.build`); truncated text context, in chunks of `--max-text-tokens` under activation
+  checkpointing as runs have it (0, the default: one pass); DynaPrompt with carried text features, metrics
+  without grad and forward+backward of the selected prompts only.
 - reference: the same rule written the plain way (`benchmarks/reference.py`, also the library's test oracle):
   full padded text, the image encoder re-run over the views on every pass, DynaPrompt's backward pass through
   every buffered prompt, no features carried from sample to sample.
@@ -142,7 +143,8 @@ def prepare(args) -> Bench:
     clock = Clock(clip.device)
     with clock("cache"):  # the embed stage: views + one image-encoder pass per sample, once per dataset
         cache = stream.build_cache()
-    text, plain = PromptTextEncoder(clip.model, clip.tokenizer, classnames), PlainCLIP(clip, classnames)
+    text = PromptTextEncoder(clip.model, clip.tokenizer, classnames, max_tokens=args.max_text_tokens)
+    plain = PlainCLIP(clip, classnames)
     with torch.no_grad():  # first calls set up kernels
         text.encode(text.init_context.unsqueeze(0))
         plain.text_features(plain.v0.unsqueeze(0))
@@ -549,6 +551,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="test samples in the stream")
     p.add_argument("--views", type=int, default=64)
     p.add_argument("--buffer-size", type=int, default=10, help="DynaPrompt's M")
+    p.add_argument("--max-text-tokens", type=int, default=0,
+                   help="the library's text-encoder tokens per pass, chunked above (run.max_text_tokens); 0: one pass")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--lr", type=float, default=5e-3)
@@ -586,6 +590,7 @@ def run_config(args, bench: Bench) -> dict:
         "buffer_size": args.buffer_size, "threads": torch.get_num_threads(), "device": str(device),
         "reference_samples": min(args.reference_samples or args.samples, args.samples), "warmup": args.warmup,
         "tuning": asdict(bench.tuning), "text_tokens_library": bench.text.sequence_length,
+        "max_text_tokens": args.max_text_tokens,
         "text_tokens_reference": bench.plain.context_length, "image_size": bench.clip.image_size,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

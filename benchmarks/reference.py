@@ -150,9 +150,10 @@ def average_text_feature_dispersion(text: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.sqrt(((row - centroid) ** 2).sum()) for row in text]).mean()
 
 
-def reliability(image: torch.Tensor, neighbours: int, temperature: float, threshold: float) -> torch.Tensor:
-    """R-TPT's view weights: softmax over views of (mean of its top-k similarities to the others) / temperature."""
-    # a view is no neighbour of itself, nor is any view at similarity >= threshold; k = min(neighbours, V - 1)
+def reliability(image: torch.Tensor, neighbours: int, temperature: float, self_similarity: str) -> torch.Tensor:
+    """R-TPT's view weights: softmax over views of (mean of its top-k similarities to its neighbours) / temperature."""
+    # no entry at similarity >= 1.0 in fp32 is a neighbour; "always_drop": nor is the view itself (where its own
+    # entry rounds below 1.0, the authors' rule keeps it); k = min(neighbours, V - 1)
     n_views = len(image)
     if n_views == 1:
         return image.new_ones(1)
@@ -160,7 +161,8 @@ def reliability(image: torch.Tensor, neighbours: int, temperature: float, thresh
     similarity = (image.float() @ image.float().t()).tolist()
     scores = []
     for v, row in enumerate(similarity):
-        others = sorted((s for u, s in enumerate(row) if u != v and s < threshold), reverse=True)
+        others = sorted((s for u, s in enumerate(row) if s < 1.0 and (u != v or self_similarity == "authors")),
+                        reverse=True)
         scores.append(sum(others[:k]) / k if len(others) >= k else float("-inf"))
     return torch.softmax(torch.tensor(scores, dtype=torch.float64) / temperature, dim=0).float().to(image.device)
 

@@ -2,7 +2,7 @@
 add throughput?
 
     python -m benchmarks.share [--arch ViT-B-16] [--classes 200] [--samples 24] [--method tpt] [--device cuda]
-        [--threads 1]
+        [--threads 1] [--max-text-tokens 8192] [--out FILE]
 
 One process runs `--method` over `--samples` random cached samples alone; then two such processes run at once on
 the same device. It prints samples/s of each way and their ratio (2 workers / 1 worker).
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 
-def child(arch: str, classes: int, samples: int, method: str, device: str, threads: int, barrier: str,
-          parties: int) -> dict:
+def child(arch: str, classes: int, samples: int, method: str, device: str, threads: int, max_tokens: int,
+          barrier: str, parties: int) -> dict:
     """One run in this process: samples/s after a warm-up sample, timed once every party is warm."""
     import torch
     from open_clip import IMAGENET_CLASSNAMES
@@ -32,7 +32,7 @@ def child(arch: str, classes: int, samples: int, method: str, device: str, threa
 
     torch.set_num_threads(threads)
     clip = load_clip(ModelSpec(arch=arch, pretrained=None, device=device))
-    text = PromptTextEncoder(clip.model, clip.tokenizer, list(IMAGENET_CLASSNAMES)[:classes], max_tokens=8192)
+    text = PromptTextEncoder(clip.model, clip.tokenizer, list(IMAGENET_CLASSNAMES)[:classes], max_tokens=max_tokens)
     dim = clip.model.text_projection.shape[1]
     generator = torch.Generator().manual_seed(0)
     views = [torch.nn.functional.normalize(torch.randn(64, dim, generator=generator), dim=-1).to(clip.device)
@@ -57,7 +57,8 @@ def child(arch: str, classes: int, samples: int, method: str, device: str, threa
 def spawn(args, count: int) -> tuple[float, list[dict]]:
     barrier = tempfile.mkdtemp(prefix="share-")
     spec = json.dumps({"arch": args.arch, "classes": args.classes, "samples": args.samples, "method": args.method,
-                       "device": args.device, "threads": args.threads, "barrier": barrier, "parties": count})
+                       "device": args.device, "threads": args.threads, "max_tokens": args.max_text_tokens,
+                       "barrier": barrier, "parties": count})
     start = time.perf_counter()
     processes = [subprocess.Popen([sys.executable, "-m", "benchmarks.share", "--child", spec],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
@@ -78,6 +79,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--method", default="tpt")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-text-tokens", type=int, default=8192, help="run.max_text_tokens (params.yaml)")
+    parser.add_argument("--out", default="", help="write the report here as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -88,10 +91,14 @@ def main(argv=None) -> dict:
     _, pair = spawn(args, 2)
     one, two = alone[0]["samples_per_s"], sum(o["samples_per_s"] for o in pair)
     report = {"arch": args.arch, "classes": args.classes, "method": args.method, "device": args.device,
+              "samples": args.samples, "max_text_tokens": args.max_text_tokens,
               "one_worker_samples_per_s": round(one, 3), "two_workers_samples_per_s": round(two, 3),
               "ratio": round(two / one, 3)}
     print(f"{args.method} at {args.arch}, C={args.classes} on {args.device}: one worker {one:.2f} samples/s, "
           f"two sharing it {two:.2f} samples/s ({two / one:.2f}x)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

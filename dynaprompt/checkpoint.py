@@ -62,6 +62,8 @@ class RunCheckpoint:
             return None
         payload = torch.load(self.state_file, map_location="cpu", weights_only=True)
         if payload["fingerprint"] != self.fingerprint:
+            print(f"{self.folder}: a checkpoint of other params, weights, code or device: discarded, the run starts "
+                  f"at sample 0", flush=True)
             self.clear()
             return None
         frames = [pd.read_parquet(self.part_file(i)) for i in range(payload["parts"])]

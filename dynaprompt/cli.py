@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_command(args) -> int:
-    from .model import load_clip
+    from .model import load_model
     from .resolve import resolve
     from .runner import execute, store_run
 
@@ -50,7 +50,7 @@ def run_command(args) -> int:
     settings.stream(key.dataset), settings.method(key.method), settings.ordering(key.ordering)  # names first
     if args.limit is not None and args.out is None:
         raise ValueError("--limit needs --out: a partial stream is not stored as the run's result")
-    clip = load_clip(settings.model)
+    clip = load_model(settings)
     run = resolve(settings, key, clip.weights)
     if args.out is None:
         layout = ResultsLayout(settings.path("results"))
@@ -110,6 +110,10 @@ def check_command(args) -> int:
         print()
         print(check.estimate_table(work, args.top))
         print(check.summary_line(work))
+        memory = check.memory_table_rows(settings, reports)
+        print()
+        print(check.memory_table(memory))
+        print(check.memory_line(memory))
     for line in missing:
         print(f"dynaprompt check: missing: {line}", file=sys.stderr)
     return 1 if missing else 0

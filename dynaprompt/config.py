@@ -17,6 +17,7 @@ from .objectives import TuningConfig
 from .resolve import OPENAI_IMAGENET, TIP_TEMPLATES, resolve_templates
 from .schema import CODE, ParamsError, Source, as_mapping, check_keys, closest, dataclass_from, fail, with_overrides
 from .specs import (
+    STREAM_SELECTIONS,
     AblationConfig,
     CalibrationConfig,
     CheckConfig,
@@ -35,6 +36,7 @@ from .specs import (
     SweepConfig,
     TestbedConfig,
     ValidateConfig,
+    families_of,
 )
 from .views import ViewConfig
 
@@ -138,24 +140,103 @@ def method_options(kind: str, options: dict, source: Source, path: tuple):
     return dataclass_from(METHODS[kind].Config, options, source, path)
 
 
-def parse_orderings(raw: dict, source: Source) -> dict:
-    specs = {}
+def parse_orderings(raw: dict, source: Source, streams: dict | None = None, mixtures=()) -> dict:
+    """Every ordering by name: explicit ones as given, a family (`seeds: n`) as `<family>-0` .. `<family>-<n-1>`;
+    the orderings of one family must share kind, options and streams; `on:` names defined streams."""
+    specs, entry_of = {}, {}
     for name, entry in as_mapping(raw, source, ("orderings",)).items():
-        specs[name] = parse_ordering(name, entry, source, ("orderings", name))
+        path = ("orderings", name)
+        entry = dict(as_mapping(entry, source, path))
+        if True in entry:  # YAML 1.1 reads a bare `on` key as the boolean true
+            entry["on"] = entry.pop(True)
+        expanded = parse_family(name, entry, source, path) if "seeds" in entry else [
+            parse_ordering(name, entry, source, path)]
+        for spec in expanded:
+            if spec.name in specs:
+                fail(source, path, f"ordering {spec.name!r} is defined twice (by {entry_of[spec.name]!r} and here)")
+            specs[spec.name], entry_of[spec.name] = spec, name
+    check_families(specs, entry_of, source)
+    if streams is not None:
+        for spec in specs.values():
+            check_streams(spec, streams, mixtures, source, ("orderings", entry_of[spec.name], "on"))
     return specs
 
 
-def parse_ordering(name: str, entry: dict, source: Source = CODE, path: tuple = ()) -> OrderingSpec:
+def parse_family(family: str, entry: dict, source: Source, path: tuple) -> list:
+    """`<family>: {kind, options, seeds: n}` -> its n orderings `<family>-<seed>`, seeds 0 .. n-1."""
     from .orderings import ORDERING_KINDS
+
+    entry = dict(entry)
+    seeds = entry.pop("seeds")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        fail(source, path + ("seeds",), f"seeds (how many orderings of the family) must be an integer >= 1, "
+                                        f"got {seeds!r}")
+    for key, why in (("seed", "a family numbers its orderings' seeds 0 .. seeds-1"),
+                     ("family", "a family's name is its key")):
+        if key in entry:
+            fail(source, path + (key,), f"{key!r} has no place in a family ({why})")
+    kind = entry.get("kind")
+    if kind in ORDERING_KINDS and "seed" not in inspect.signature(ORDERING_KINDS[kind]).parameters:
+        fail(source, path + ("seeds",), f"ordering kind {kind!r} takes no seed: it has one ordering, not a family")
+    return [parse_ordering(f"{family}-{seed}", {**entry, "seed": seed, "family": family}, source, path)
+            for seed in range(seeds)]
+
+
+def parse_ordering(name: str, entry: dict, source: Source = CODE, path: tuple = ()) -> OrderingSpec:
+    """One ordering: `kind`, the kind's options (each checked), and optionally `family` and `on`."""
+    from .orderings import ORDERING_KINDS, option_problem
 
     entry = dict(as_mapping(entry, source, path))
     kind = entry.pop("kind", None)
     if kind not in ORDERING_KINDS:
         fail(source, path + ("kind",),
              f"unknown ordering kind {kind!r}{closest(kind, ORDERING_KINDS)}; known: {sorted(ORDERING_KINDS)}")
+    family, on = entry.pop("family", ""), entry.pop("on", "")
     accepted = [p for p in inspect.signature(ORDERING_KINDS[kind]).parameters if p != "manifest"]
     check_keys(entry, accepted, source, path, f"option of ordering kind {kind!r}:")
-    return OrderingSpec(name, kind, frozen(entry))
+    for option, value in entry.items():
+        problem = option_problem(kind, option, value)
+        if problem:
+            fail(source, path + (option,), problem)
+    if not isinstance(family, str):
+        fail(source, path + ("family",), f"a family is a name, got {family!r}")
+    return OrderingSpec(name, kind, frozen(entry), family, parse_on(on, source, path + ("on",)))
+
+
+def parse_on(on, source: Source, path: tuple):
+    """`on:` as OrderingSpec holds it: a selection's name, or a tuple of stream names."""
+    if isinstance(on, (list, tuple)) and on and all(isinstance(s, str) for s in on):
+        return tuple(on)
+    if on == "" or on in STREAM_SELECTIONS:
+        return on
+    fail(source, path, f"on must be one of {list(STREAM_SELECTIONS)} or a list of stream names, got {on!r}")
+
+
+def check_families(specs: dict, entry_of: dict, source: Source) -> None:
+    """An ordering's family is a kind of stream: its orderings differ in their seed only."""
+    first: dict = {}
+    for name, spec in specs.items():
+        if spec.family in specs and specs[spec.family].family != spec.family:
+            fail(source, ("orderings", entry_of[name], "family"),
+                 f"family {spec.family!r} has the name of ordering {spec.family!r} of family "
+                 f"{specs[spec.family].family!r}")
+        other = specs[first.setdefault(spec.family, name)]
+        if (spec.kind, spec.defining_options, spec.on) != (other.kind, other.defining_options, other.on):
+            fail(source, ("orderings", entry_of[name]),
+                 f"ordering {name!r} is in family {spec.family!r} with {other.name!r}, but their kind, options or "
+                 f"streams differ ({spec.as_dict()} on {spec.on!r}, {other.as_dict()} on {other.on!r}); a family's "
+                 "orderings differ in their seed only: give it its own `family:`")
+
+
+def check_streams(spec: OrderingSpec, streams: dict, mixtures, source: Source, path: tuple) -> None:
+    """`on:` names defined streams; a cyclic ordering runs on mixtures only (it needs their `domain` column)."""
+    for stream in spec.on if isinstance(spec.on, tuple) else ():
+        if stream not in streams:
+            fail(source, path, f"stream {stream!r} is not a dataset or mixture{closest(stream, streams)}")
+    selected = spec.on if isinstance(spec.on, tuple) else [s for s in streams if spec.runs_on(s, mixtures)]
+    if spec.kind == "cyclic" and any(s not in mixtures for s in selected):
+        fail(source, path, f"ordering {spec.name!r} is cyclic: it needs a mixture's domains, so it runs on "
+                           "mixtures only (on: mixtures)")
 
 
 def parse_templates(raw: dict, source: Source) -> dict:
@@ -219,13 +300,16 @@ def settings_from_params(params: dict, base_dir: str | Path = ".", source: Sourc
     streams = {**datasets, **mixtures}
     methods = {name: parse_method(name, entry, source, ("methods", name), streams)
                for name, entry in as_mapping(params.get("methods"), source, ("methods",)).items()}
-    orderings = parse_orderings(params.get("orderings"), source)
+    orderings = parse_orderings(params.get("orderings"), source, streams, mixtures)
     sweep = block("sweep", SweepConfig)
     calibration, ablations = block("calibration", CalibrationConfig), block("ablations", AblationConfig)
     testbed = block("testbed", TestbedConfig)
     check_names(sweep.datasets, streams, source, ("sweep", "datasets"), "dataset")
     check_names(sweep.methods, methods, source, ("sweep", "methods"), "method")
-    check_names(sweep.orderings, orderings, source, ("sweep", "orderings"), "ordering")
+    check_names(sweep.orderings, {**families_of(orderings), **orderings}, source, ("sweep", "orderings"),
+                "ordering or family")
+    check_names(sweep.chaos.orderings, {**families_of(orderings), **orderings}, source,
+                ("sweep", "chaos", "orderings"), "ordering or family")
     check_names(testbed.streams, streams, source, ("testbed", "streams"), "dataset")
     derived = []
     if calibration.dataset is not None:

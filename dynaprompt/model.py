@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -51,13 +51,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def register_arch(arch: str) -> str:
-    """Make `arch` known to open_clip (bundled or JSON-file configs) and return its registry name."""
+def located(path: str | Path, base_dir: str | Path | None) -> Path:
+    """`path` with `~` expanded and, when relative, taken from `base_dir` (the params file's folder; None: the
+    working directory, for specs built in code)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
+
+
+def locate_files(spec: ModelSpec, base_dir: str | Path | None) -> ModelSpec:
+    """`spec` with its paths (a JSON arch, a weights file, the cache folder) taken from `base_dir`; tags and names
+    stay as they are. The spec as written (relative) is what fingerprints see; this copy is only for loading."""
+    arch = str(located(spec.arch, base_dir)) if spec.arch.endswith(".json") else spec.arch
+    pretrained = spec.pretrained
+    if pretrained and _looks_like_path(pretrained):
+        pretrained = str(located(pretrained, base_dir))
+    cache_dir = str(located(spec.cache_dir, base_dir)) if spec.cache_dir else spec.cache_dir
+    return replace(spec, arch=arch, pretrained=pretrained, cache_dir=cache_dir)
+
+
+def register_arch(arch: str, base_dir: str | Path | None = None) -> str:
+    """Make `arch` known to open_clip (bundled or JSON-file configs, a relative file taken from `base_dir`) and
+    return its registry name."""
     if BUNDLED_CONFIGS not in _registered_config_paths:
         open_clip.add_model_config(BUNDLED_CONFIGS)
         _registered_config_paths.add(BUNDLED_CONFIGS)
     if arch.endswith(".json"):
-        path = Path(arch).resolve()
+        path = located(arch, base_dir).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"model config not found: {path} (model.arch in params)")
         if path not in _registered_config_paths:
@@ -208,10 +227,15 @@ def quick_gelu_for(spec: ModelSpec, name: str, weights: str | None, extra: dict)
     return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False)), f"the config of {name!r}"
 
 
-def load_clip(spec: ModelSpec) -> LoadedClip:
+def load_clip(spec: ModelSpec, base_dir: str | Path | None = None) -> LoadedClip:
     """Build the frozen CLIP of `spec`; fail fast with one clear message when its weights are missing or are not
     the arch's. OpenAI's checkpoints (TorchScript or state dict) load through open_clip's OpenAI loader, with
-    QuickGELU whatever the arch's name says."""
+    QuickGELU whatever the arch's name says.
+
+    Relative paths in `spec` are taken from `base_dir`: pass the params file's folder (`settings.base_dir`), so
+    that the process's working directory never matters (`load_model(settings)` does).
+    """
+    spec = locate_files(spec, base_dir)
     name = register_arch(spec.arch)
     weights, extra = resolve_weights(spec, name)
     device = resolve_device(spec.device)
@@ -254,6 +278,11 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
                                                        else "GELU"),
         weights_format=fmt,
     )
+
+
+def load_model(settings) -> LoadedClip:
+    """The CLIP of a params file (`dynaprompt.specs.Settings`), its paths taken from the file's folder."""
+    return load_clip(settings.model, settings.base_dir)
 
 
 def _model_kwargs(extra: dict) -> dict:

@@ -5,6 +5,25 @@ changes every fingerprint, so finished runs are recomputed. `SWEEP_CODE` decides
 how it stores them, without changing any one run's records. The sweep stage in dvc.yaml depends on exactly
 these two lists (DVC cannot expand a list into `deps`, so tests/test_provenance.py holds dvc.yaml to them and
 checks that editing any listed file makes `dvc status` call the sweep changed).
+
+What is in a run's fingerprint, and what stays out (tests/test_fingerprint.py holds each line):
+- in: the params a run reads (model arch, tag or weights file as written, quick_gelu, init_seed; prompt; the
+  run's effective views, tuning and method options; templates; the stream and its members; the ordering), the
+  weights' identity (file name, size, hash of the first MiB: not the path), the features' storage dtype and the
+  code of RESULT_CODE;
+- in: the device type and precision (`cpu/fp32`, `cuda/fp16-autocast`, `cpu/bf16-autocast` with
+  `tuning.amp_on_cpu`): GPU results are not CPU results, and autocast's are not fp32's;
+- in, on the CPU: `run.threads`. Under the CPU-kernel pins the thread count still splits reductions: at ViT-B/16
+  over 200 classes, TPT's and DynaPrompt's entropies differ in the last bits between 1 and 2 threads. On a GPU
+  torch's CPU threads compute nothing of the run, and the thread count stays out;
+- in: `run.max_text_tokens` (memory only, but not bit-neutral): a chunked gradient pass runs the text tower's
+  backward over fewer sequences at a time, whose kernels give other last bits (its forward is bit-identical), and
+  sums each prompt's gradient over chunks in another order. Two budgets give equal records only where neither
+  chunks a gradient pass;
+- in: `run.block_size` (the summary's per-block accuracies);
+- out: `run.checkpoint_every` (a resumed run's records equal an uninterrupted run's), `model.device`'s index
+  (`cuda:3` or `cuda:0`: the same type), `model.cache_dir` and `model.allow_download` (where weights are
+  looked for, not which: the weights' identity is in), and every path's spelling (relative to the params file).
 """
 from __future__ import annotations
 
@@ -21,6 +40,7 @@ RESULT_CODE = (
     "dynaprompt/text.py",
     "dynaprompt/blocks.py",
     "dynaprompt/orderings.py",
+    "dynaprompt/difficulty.py",
     "dynaprompt/records.py",
     "dynaprompt/runner.py",
     "dynaprompt/config.py",
@@ -37,6 +57,10 @@ SWEEP_CODE = (
     "flows/sweep.py",
     "tasks",
 )
+
+
+WHERE_NOT_WHAT = ("device", "cache_dir", "allow_download")  # model keys that say where, not what: the device's
+#   type (in the run's identity) is what matters, not its index; the weights are identified by their content
 
 
 def code_files(entries=RESULT_CODE, root: Path = PACKAGE_ROOT) -> list[Path]:
@@ -75,10 +99,10 @@ def fingerprint_run(settings, key, method, run, ordering: dict, weights: str) ->
     stream = settings.stream(key.dataset)
     members = getattr(stream, "members", ())
     relevant = {
-        "model": {k: v for k, v in asdict(settings.model).items() if k != "device"},
+        "model": {k: v for k, v in asdict(settings.model).items() if k not in WHERE_NOT_WHAT},
         "weights": weights_fingerprint(weights),
         "prompt": asdict(settings.prompt),
-        "run": run.describe(),
+        "run": run.identity(),  # the effective settings, with the device type and precision
         "views": {m: asdict(v) for m, v in run.member_views},
         "features": settings.embed.dtype,  # the precision the view features are stored (and computed) in
         "templates": run.templates,

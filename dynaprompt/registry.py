@@ -3,8 +3,9 @@
 Each entry is reproducible by name and seed, says when and by which sweep it was added, and lists the runs
 (dataset, method) it was drawn for and the view seeds they run under (its cells of the ordering x seed grid). An
 entry is `pending` from the moment it is drawn (written atomically before any of its runs start) until all its
-runs are finished; new seeds are always above every seed any ordering of that kind has used, so a half-finished
-seed is never handed out twice.
+runs are finished. A new ordering extends a family (an ordering kind with its defining options: `shuffle`,
+`dirichlet0.1`): same kind and options, named `<family>-<seed>`, its seed above every seed any ordering of that
+family has used, so a half-finished seed is never handed out twice.
 
 A pending entry belongs to the sweep that holds it (`owner`, with its pid and host): that sweep holds its liveness
 lock (`ResultsLayout.sweep_lock`) for its whole life, and a later sweep takes over only the pending entries of a
@@ -26,9 +27,7 @@ from pathlib import Path
 
 from .config import parse_ordering
 from .results import FileLock, write_atomically
-from .specs import OrderingSpec, Settings
-
-ADDED_KINDS = ("shuffle", "class_blocked", "cyclic")  # the order-dependent kinds a scheduled sweep extends
+from .specs import OrderingSpec, Settings, default_family
 
 
 @dataclass
@@ -38,7 +37,7 @@ class RegisteredOrdering:
     name: str
     kind: str
     seed: int
-    options: dict  # the ordering's other options (cyclic: block)
+    options: dict  # the ordering's other options (cyclic: block; dirichlet: delta)
     added_at: str
     sweep_id: str
     runs: list = field(default_factory=list)  # [dataset, method] pairs
@@ -47,14 +46,21 @@ class RegisteredOrdering:
     owner: str | None = None  # the sweep that holds it now (null in older registries: sweep_id)
     pid: int | None = None  # the owner's process and host
     host: str | None = None
+    family: str | None = None  # the family it extends (null in older registries: the kind's default family)
+    on: str | list | None = None  # the streams its family runs on (null: the kind's default)
 
     @property
     def holder(self) -> str:
         return self.owner or self.sweep_id
 
     @property
+    def family_name(self) -> str:
+        return self.family or default_family(self.kind, self.options)
+
+    @property
     def spec(self) -> OrderingSpec:
-        return parse_ordering(self.name, {"kind": self.kind, "seed": self.seed, **self.options})
+        return parse_ordering(self.name, {"kind": self.kind, "seed": self.seed, **self.options,
+                                          "family": self.family_name, "on": self.on or ""})
 
 
 class OrderingRegistry:
@@ -91,22 +97,24 @@ class OrderingRegistry:
     def pending(self) -> list[RegisteredOrdering]:
         return [e for e in self.entries() if e.status == "pending"]
 
-    def next_seed(self, settings: Settings, kind: str) -> int:
-        """One above every seed an ordering of `kind` has used, in params or in the registry."""
-        used = [o.seed or 0 for o in settings.orderings.values() if o.kind == kind]
-        used += [e.seed for e in self.entries() if e.kind == kind]
+    def next_seed(self, settings: Settings, family: str) -> int:
+        """One above every seed an ordering of `family` has used, in params or in the registry."""
+        used = [o.seed or 0 for o in settings.orderings.values() if o.family == family]
+        used += [e.seed for e in self.entries() if e.family_name == family]
         return max(used, default=-1) + 1
 
-    def draw(self, settings: Settings, kind: str, runs: list, sweep_id: str, options: dict | None = None,
+    def draw(self, settings: Settings, template: OrderingSpec, runs: list, sweep_id: str,
              seeds: list | None = None) -> RegisteredOrdering:
-        """Register a new ordering of `kind` for `runs` ([dataset, method] pairs) under the view `seeds` (its
-        cells), pending until they finish."""
+        """Register a new ordering of `template`'s family (its kind and options, the family's next seed) for `runs`
+        ([dataset, method] pairs) under the view `seeds` (its cells), pending until they finish."""
         with self.lock():
-            seed = self.next_seed(settings, kind)
-            entry = RegisteredOrdering(name=f"{kind}-{seed}", kind=kind, seed=seed, options=dict(options or {}),
+            seed = self.next_seed(settings, template.family)
+            on = list(template.on) if isinstance(template.on, tuple) else template.on
+            entry = RegisteredOrdering(name=f"{template.family}-{seed}", kind=template.kind, seed=seed,
+                                       options=template.defining_options,
                                        added_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sweep_id=sweep_id,
                                        runs=[list(r) for r in runs], seeds=None if seeds is None else list(seeds),
-                                       **owned_by(sweep_id))
+                                       family=template.family, on=on, **owned_by(sweep_id))
             if entry.name in settings.orderings:
                 raise ValueError(f"ordering {entry.name!r} is already defined in params; rename it there")
             self.save(self.entries() + [entry])

@@ -3,12 +3,13 @@
 Later entries win:
     views:   `views:`  <  `datasets.<d>.augmix`  <  `methods.<m>.views`  <  `methods.<m>.per_dataset.<d>.views`
     tuning:  `tuning:` <  `datasets.<d>.tuning`  <  `methods.<m>.tuning` <  `methods.<m>.per_dataset.<d>.tuning`
-    options: `methods.<m>.<option>`  <  `methods.<m>.per_dataset.<d>.<option>`
+    options: `methods.<m>.<option>`  <  `methods.<m>.per_dataset.<d>.<option>`; a method that computes view features
+             itself (a `feature_dtype` option) rounds them to `embed.dtype` unless its options say otherwise
 A mixture takes the views of each member and the tuning its members agree on (or its own `tuning:`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .objectives import TuningConfig
 from .results import SHARED_ORDERING, RunKey
@@ -80,20 +81,41 @@ class RunSettings:
     threads: int
     max_text_tokens: int = 0  # the text encoder's token budget per pass (0: no limit)
     member_views: tuple = ()  # (member dataset, ViewConfig) per member of a mixture; one pair for a dataset
+    device: str = "cpu"  # the device type the run computes on (cpu, cuda): `model.device` with `auto` resolved
+    precision: str = "fp32"  # fp32, or the autocast the tuning uses there (fp16-autocast on cuda, bf16 on cpu)
+    perturbation: str = "none"  # the last-bit perturbation of the features it reads: `lastbit(seed=s,replicate=r)`
 
     def describe(self) -> dict:
         """The settings as flat, searchable key/values (MLflow params, the run summary)."""
         out = {f"views.{k}": v for k, v in asdict(self.views).items()}
         out.update({f"tuning.{k}": v for k, v in asdict(self.tuning).items()})
-        out.update({f"method.{k}": v for k, v in asdict(self.options).items()})
+        out.update(flat_items("method.", asdict(self.options)))  # a nested option (RLCF's teacher) as method.a.b
         out["method.templates"] = "v0" if self.templates is None else f"{len(self.templates)} templates"
         out.update({"run.block_size": self.block_size, "run.threads": self.threads,
-                    "run.max_text_tokens": self.max_text_tokens})
+                    "run.max_text_tokens": self.max_text_tokens, "run.device": self.device,
+                    "run.precision": self.precision, "run.perturbation": self.perturbation})
+        return out
+
+    def identity(self) -> dict:
+        """The settings that can change a run's records (the fingerprint's share; see dynaprompt.provenance):
+        `describe()` less the CPU thread count on a GPU, where torch's CPU threads compute nothing of the run."""
+        out = self.describe()
+        if self.device != "cpu":
+            del out["run.threads"]
         return out
 
     @property
     def views_by_member(self) -> dict:
         return dict(self.member_views)
+
+
+def flat_items(prefix: str, mapping: dict):
+    """(dotted key, value) pairs of a mapping, nested mappings spelled out key by key."""
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            yield from flat_items(f"{prefix}{key}.", value)
+        else:
+            yield f"{prefix}{key}", value
 
 
 def dataset_views(settings: Settings, dataset: str) -> ViewConfig:
@@ -128,9 +150,10 @@ def stream_members(settings: Settings, dataset: str) -> tuple:
     return tuple(settings.mixtures[dataset].members) if dataset in settings.mixtures else (dataset,)
 
 
-def resolve_run(settings: Settings, dataset: str, method: str, seed: int | None = None) -> RunSettings:
+def resolve_run(settings: Settings, dataset: str, method: str, seed: int | None = None,
+                replicate: int = 0) -> RunSettings:
     """The effective settings of `method` on `dataset` (precedence in the module docstring); `seed` replaces the
-    view seed of every member's views (None: as resolved)."""
+    view seed of every member's views (None: as resolved); `replicate` picks the last-bit perturbation."""
     from .methods import METHODS
 
     spec = settings.method(method)
@@ -140,11 +163,52 @@ def resolve_run(settings: Settings, dataset: str, method: str, seed: int | None 
                                              **per_dataset.pop("tuning", {})})
     per_dataset.pop("views", None)
     views = tuple((m, method_views(settings, spec, m, seed)) for m in stream_members(settings, dataset))
-    config = dataclass_from(METHODS[spec.kind].Config, {**spec.options, **per_dataset})
+    config = dataclass_from(METHODS[spec.kind].Config, {**feature_defaults(settings, METHODS[spec.kind].Config),
+                                                        **spec.options, **per_dataset})
     return RunSettings(views=views[0][1], tuning=tuning, options=config,
                        templates=resolve_templates(settings, spec, dataset), block_size=settings.run.block_size,
                        threads=settings.run.threads, max_text_tokens=settings.run.max_text_tokens,
-                       member_views=views)
+                       member_views=views, **compute_identity(settings.model.device, tuning),
+                       perturbation=perturbation(settings, views[0][1].view_seed, replicate))
+
+
+def perturbation(settings: Settings, view_seed: int, replicate: int) -> str:
+    """How the run's features are perturbed: at the last bit, seeded by its view seed and replicate (`run.last_bit`);
+    a replicate without it is an error (its runs would repeat the grid's own)."""
+    if not settings.run.last_bit:
+        if replicate:
+            raise ParamsError(f"replicate {replicate} needs `run.last_bit: true` (replicates differ only in the "
+                              "last-bit perturbation of their features)")
+        return "none"
+    return f"lastbit(seed={int(view_seed)},replicate={int(replicate)})"
+
+
+def feature_defaults(settings: Settings, config_class) -> dict:
+    """`feature_dtype` from `embed.dtype` for a method that encodes views itself (TTL), so that its features are
+    rounded as the cached ones are."""
+    return {"feature_dtype": settings.embed.dtype} if "feature_dtype" in {f.name for f in fields(config_class)} else {}
+
+
+def device_type(name: str) -> str:
+    """The device type `model.device` computes on (`auto`: cuda where torch sees a GPU, else cpu)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
+def compute_identity(device_name: str, tuning: TuningConfig) -> dict:
+    """The device type and precision of a run: fp32, or autocast where `tuning` asks for it (fp16 on a GPU, bf16
+    on the CPU with `amp_on_cpu`), as `dynaprompt.objectives.autocast` applies it."""
+    import torch
+
+    from .objectives import uses_amp
+
+    device = device_type(device_name)
+    if not uses_amp(torch.device(device), tuning):
+        return {"device": device, "precision": "fp32"}
+    return {"device": device, "precision": "fp16-autocast" if device == "cuda" else "bf16-autocast"}
 
 
 @dataclass(frozen=True)
@@ -162,6 +226,7 @@ class ResolvedRun:
     ordering: dict  # the ordering as data ({"kind": "shuffle", "seed": 0}); natural for the shared run
     weights: str  # what the model loaded (a path, or "random(seed)")
     fingerprint: str
+    ordering_family: str = ""  # the ordering's family (`dirichlet0.1`): a name, not in the fingerprint
 
     @property
     def label(self) -> str:
@@ -185,8 +250,10 @@ def resolve(settings: Settings, key: RunKey, weights: str) -> ResolvedRun:
     from .provenance import fingerprint_run
 
     method = settings.method(key.method)
-    run = resolve_run(settings, key.dataset, key.method, key.seed)
+    run = resolve_run(settings, key.dataset, key.method, key.seed, key.replicate)
     ordering = ({"kind": "natural"} if key.ordering == SHARED_ORDERING
                 else settings.ordering(key.ordering).as_dict())
+    family = "natural" if key.ordering == SHARED_ORDERING else settings.ordering(key.ordering).family
     return ResolvedRun(key=key, settings=settings, method=method, run=run, ordering=ordering, weights=weights,
-                       fingerprint=fingerprint_run(settings, key, method, run, ordering, weights))
+                       fingerprint=fingerprint_run(settings, key, method, run, ordering, weights),
+                       ordering_family=family)

@@ -19,17 +19,26 @@ from .checkpoint import RunCheckpoint
 from .datasets import ManifestDataset, open_dataset
 from .datasets.base import MixtureDataset
 from .devices import describe_device, device_line
-from .features import FeatureStore, ImageViewSource, MixtureViewSource, ViewEncoder, cache_identity
+from .features import (
+    FeatureStore,
+    ImageViewSource,
+    LastBitPerturbation,
+    MixtureViewSource,
+    ViewEncoder,
+    ViewPixelSource,
+    cache_identity,
+)
 from .methods import build_method
-from .model import LoadedClip
+from .model import LoadedClip, ModelSpec, load_clip
 from .objectives import NonFiniteError
-from .orderings import order_samples
+from .orderings import label_correlation, needs_difficulty, order_samples
 from .provenance import weights_fingerprint
 from .records import make_record, records_frame, summarize
 from .resolve import ResolvedRun, resolve
 from .results import ResultsLayout, RunKey, RunSummary
 from .specs import Settings
 from .text import PromptTextEncoder, TemplateCache
+from .views import ViewGenerator
 
 
 class RunFailed(RuntimeError):
@@ -72,6 +81,8 @@ def run_stream(method, sample_ids, labels: dict, view_source, progress: bool = F
         records, state = saved
         method.load_state_dict(state)
         first = len(records)
+        print(f"{desc}: resuming at sample {first} of {len(sample_ids)} from its checkpoint {checkpoint.folder}",
+              flush=True)
     bar = tqdm(total=len(sample_ids), initial=first, desc=desc, disable=not progress, unit="sample")
     for position in range(first, len(sample_ids)):
         sample_id = sample_ids[position]
@@ -129,31 +140,44 @@ def feature_store(settings: Settings, dataset: str, views) -> FeatureStore:
     return FeatureStore.for_views(settings.path("features") / dataset, views)
 
 
-def view_source_for(run: ResolvedRun, data: ManifestDataset, clip: LoadedClip):
-    """Cached view features where the embed stage wrote them, else the image encoder over the images.
+def view_source_for(run: ResolvedRun, data: ManifestDataset, clip: LoadedClip, pixels: bool = False):
+    """Cached view features where the embed stage wrote them, else the image encoder over the images; with
+    `pixels`, the views themselves (for a method that `reads_images`).
 
     A mixture reads only the rows of its chosen samples from each member's cache.
     """
     views = run.run.views_by_member
     if isinstance(data, MixtureDataset):
-        return MixtureViewSource({m: member_source(run.settings, d, clip, views[m]) for m, d in data.members.items()})
-    return member_source(run.settings, data, clip, views[data.name])
+        source = MixtureViewSource({m: member_source(run.settings, d, clip, views[m], pixels)
+                                    for m, d in data.members.items()})
+    else:
+        source = member_source(run.settings, data, clip, views[data.name], pixels)
+    if pixels or run.run.perturbation == "none":
+        return source
+    return LastBitPerturbation(source, run.settings.embed.dtype, run.run.views.view_seed, run.key.replicate)
 
 
-def member_source(settings: Settings, data: ManifestDataset, clip: LoadedClip, views):
+def member_source(settings: Settings, data: ManifestDataset, clip: LoadedClip, views, pixels: bool = False):
+    if pixels:
+        return ViewPixelSource(data, ViewGenerator(views, clip.image_size, clip.image_mean, clip.image_std),
+                               clip.device)
     store = feature_store(settings, data.name, views)
     if store.is_complete():
         return store.open(clip.device, identity=cache_identity(clip, settings.model.arch, views, settings.embed.dtype))
+    print(f"{data.name}: feature cache {store.folder} {store.state()}: making views on the fly on {clip.device.type}; "
+          f"run `dvc repro embed@{data.name}` first", flush=True)  # once per run and member: the image encoder
+    #   now runs for every sample, every run
     return ImageViewSource(data, ViewEncoder(clip, views, amp=settings.tuning.amp, dtype=settings.embed.dtype))
 
 
 def execute(run: ResolvedRun, clip: LoadedClip, limit: int | None = None, view_source=None,
             progress: bool = False, checkpoint: RunCheckpoint | None = None) -> RunResult:
     """Run `run.key.method` over its ordering of its dataset (`__shared__`: the manifest order)."""
+    if clip.device.type != run.run.device:  # the device type is part of the run's identity
+        raise RunFailed(f"{run.label}: resolved for {run.run.device} but the model is on {clip.device}")
     data = open_stream(run.settings, run.key.dataset)
-    stream = order_samples(data.manifest, run.ordering)[:limit]
+    stream = order_samples(ordering_manifest(run, data, clip), run.ordering)[:limit]
     labels = dict(zip(data.manifest["sample_id"], data.manifest["label"]))
-    source = view_source or view_source_for(run, data, clip)
     text = build_text_encoder(clip, data.classnames, run.settings, run.run.max_text_tokens)
     started = time.time()
     # the run's thread count is part of its identity (sums are split by thread); every run of a process uses
@@ -161,7 +185,9 @@ def execute(run: ResolvedRun, clip: LoadedClip, limit: int | None = None, view_s
     torch.set_num_threads(run.run.threads)
     device = describe_device(clip.device)
     print(f"{run.label}: {device_line(device)}", flush=True)  # every run's first line: where it runs
-    method = build_method(run.method.kind, text, run.run.tuning, run.run.options, run.run.templates)
+    method = build_method(run.method.kind, text, run.run.tuning, run.run.options, run.run.templates,
+                          **method_models(run, clip))
+    source = view_source or view_source_for(run, data, clip, pixels=getattr(method, "reads_images", False))
     try:
         records = run_stream(method, stream, labels, source, progress=progress, desc=run.label,
                              checkpoint=checkpoint)
@@ -175,13 +201,54 @@ def execute(run: ResolvedRun, clip: LoadedClip, limit: int | None = None, view_s
     return RunResult(records, summary)
 
 
+def method_models(run: ResolvedRun, clip: LoadedClip) -> dict:
+    """The models a method needs besides the run's CLIP: RLCF's reward CLIP where its `teacher` names one."""
+    teacher = getattr(run.run.options, "teacher", None)
+    if teacher is None or teacher.arch is None:
+        return {}
+    return {"teacher": load_teacher(run, teacher, clip)}
+
+
+def load_teacher(run: ResolvedRun, teacher, clip: LoadedClip) -> LoadedClip:
+    """The reward CLIP of `methods.<m>.teacher`, on the run's device, its paths taken from the params' folder.
+
+    It reads the views the run's CLIP is given, so both must normalise images alike (OpenAI's statistics for the
+    authors' ViT-B/16 policy and ViT-L/14 teacher); a teacher of another resolution gets the views resized.
+    """
+    spec = ModelSpec(arch=teacher.arch, pretrained=teacher.pretrained, cache_dir=teacher.cache_dir,
+                     allow_download=run.settings.model.allow_download, init_seed=teacher.init_seed,
+                     device=str(clip.device), quick_gelu=teacher.quick_gelu)
+    loaded = load_clip(spec, run.settings.base_dir)
+    if (tuple(loaded.image_mean), tuple(loaded.image_std)) != (tuple(clip.image_mean), tuple(clip.image_std)):
+        raise RunFailed(f"{run.label}: methods.{run.key.method}.teacher {teacher.arch!r} normalises images with mean "
+                        f"{loaded.image_mean} and std {loaded.image_std}, but the views are normalised for "
+                        f"{run.settings.model.arch!r} (mean {clip.image_mean}, std {clip.image_std})")
+    return loaded
+
+
+def ordering_manifest(run: ResolvedRun, data: ManifestDataset, clip: LoadedClip) -> pd.DataFrame:
+    """The manifest the run's ordering reads: with the zero-shot `difficulty` column for the kinds that sort by it."""
+    if not needs_difficulty(run.ordering_kind):
+        return data.manifest
+    from .difficulty import with_difficulty
+
+    return with_difficulty(run.settings, data, clip)
+
+
+def stream_labels(run: ResolvedRun, records: pd.DataFrame) -> dict:
+    """The stream's family and how correlated its labels are (the fraction of consecutive same-label pairs)."""
+    correlation = label_correlation(records["label"].to_numpy())
+    return {"ordering_family": run.ordering_family,
+            "label_correlation": None if math.isnan(correlation) else correlation}
+
+
 def make_summary(run: ResolvedRun, records: pd.DataFrame, started: float, method, device: dict) -> RunSummary:
     final = {"final_buffer": method.final_buffer()} if hasattr(method, "final_buffer") else {}
     return RunSummary(
         dataset=run.key.dataset, method=run.key.method, method_kind=run.method.kind, ordering=run.key.ordering,
-        ordering_kind=run.ordering_kind, order_independent=run.order_independent,
+        ordering_kind=run.ordering_kind, order_independent=run.order_independent, **stream_labels(run, records),
         **summarize(records, run.run.block_size), fingerprint=run.fingerprint, weights=run.weights,
-        seed=run.key.seed, view_seed=run.run.views.view_seed,
+        seed=run.key.seed, replicate=run.key.replicate, view_seed=run.run.views.view_seed,
         device=device_name(device), device_info=device, wall_seconds=time.time() - started, started_at=started,
         ended_at=time.time(), settings=run.run.describe(), final_state=final,
     )
@@ -227,10 +294,11 @@ def store_run(run: ResolvedRun, clip: LoadedClip, layout: ResultsLayout,
         except RunFailed as error:  # name the run that was asked for; the shared run is how it is computed
             raise RunFailed(f"{run.label} (computed once per dataset, in manifest order, as {error})") from None
     data = open_stream(run.settings, run.key.dataset)
-    records = reorder(layout.read_records(shared.key), order_samples(data.manifest, run.ordering))
+    records = reorder(layout.read_records(shared.key), order_samples(ordering_manifest(run, data, clip), run.ordering))
     base = layout.read_summary(shared.key)
     summary = RunSummary(**{**vars(base), **summarize(records, run.run.block_size), "ordering": run.key.ordering,
-                            "ordering_kind": run.ordering_kind, "fingerprint": run.fingerprint,
+                            "ordering_kind": run.ordering_kind, **stream_labels(run, records),
+                            "fingerprint": run.fingerprint,
                             "started_at": started, "ended_at": time.time(), "wall_seconds": time.time() - started})
     layout.write_run(run.key, records, summary)
     return summary, False

@@ -47,6 +47,9 @@ class RunConfig:
     #   under activation checkpointing beyond it: bounds a step's memory whatever the prompts and classes; 0 = none
     checkpoint_every: int = 500  # samples between a run's checkpoints (records so far + the method's state);
     #   0 = never. Not part of a run's identity: resumed records equal uninterrupted ones
+    last_bit: bool = True  # the view seed (and a chaos replicate) also moves every feature a run reads by one unit
+    #   in the last place of the cache's precision (`dynaprompt.features.LastBitPerturbation`): a control that
+    #   reaches methods reading only the original view (issue 25); false: features exactly as cached
 
 
 @dataclass(frozen=True)
@@ -126,20 +129,67 @@ class MethodSpec:
         return METHODS[self.kind].order_independent
 
 
+STREAM_SELECTIONS = ("all", "datasets", "mixtures")  # an ordering's `on:`, besides a list of stream names
+
+
 @dataclass(frozen=True)
 class OrderingSpec:
-    """One ordering: a kind and its options (seed, block)."""
+    """One ordering: a kind and its options (seed, block, delta, bins), its family and the streams it runs on.
+
+    The family is the kind of stream the analysis compares: the ordering kind plus its defining options
+    (`shuffle`, `dirichlet0.1`, `class_blocked`); its orderings differ in their seed only.
+    """
 
     name: str
     kind: str
     options: dict = field(default_factory=dict)
+    family: str = ""  # empty: `default_family` of the kind and options
+    on: str | tuple = ""  # all | datasets | mixtures | a tuple of stream names; empty: the kind's default
+
+    def __post_init__(self):
+        if not self.family:
+            object.__setattr__(self, "family", default_family(self.kind, self.options))
+        if not self.on:
+            object.__setattr__(self, "on", "mixtures" if self.kind == "cyclic" else "all")
 
     @property
     def seed(self) -> int | None:
         return self.options.get("seed")
 
+    @property
+    def defining_options(self) -> dict:
+        """The options every ordering of its family shares: all but the seed."""
+        return {k: v for k, v in self.options.items() if k != "seed"}
+
     def as_dict(self) -> dict:
+        """The ordering as data, what `order_samples` and the run's fingerprint read (no family: a name)."""
         return {"kind": self.kind, **self.options}
+
+    def runs_on(self, stream: str, mixtures) -> bool:
+        """Whether this ordering is paired with `stream` (`mixtures`: the names of the mixtures)."""
+        if isinstance(self.on, tuple):
+            return stream in self.on
+        return self.on == "all" or (self.on == "mixtures") == (stream in mixtures)
+
+
+def default_family(kind: str, options: dict) -> str:
+    """A family named as the field names the stream: the kind, with the concentration for Dirichlet streams
+    (`dirichlet0.1`, NOTE's and StatA's delta); other options need an explicit `family:` to tell apart."""
+    if kind == "dirichlet":
+        import inspect
+
+        from .orderings import dirichlet
+
+        return f"dirichlet{float(options.get('delta', inspect.signature(dirichlet).parameters['delta'].default)):g}"
+    return kind
+
+
+def families_of(orderings: dict) -> dict:
+    """family -> the names of its orderings, in params order."""
+    out: dict = {}
+    for name, spec in orderings.items():
+        out.setdefault(spec.family, []).append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -151,8 +201,20 @@ class ScheduleConfig:
     add_orderings: int = 2  # new orderings per order-dependent kind per scheduled run
     target_half_width: float = 0.01  # stop once every (dataset, method) 95% interval half-width is below this
     target_sd_order_width: float = 0.03  # ... and the width of SD(order)'s 95% interval is below this
-    variance_bootstrap: int = 50  # bootstrap refits behind SD(order)'s interval when a scheduled run decides
     max_orderings: int = 50  # never more orderings of one kind on one dataset than this
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """`sweep.chaos`: cells of the main grid replicated under the last-bit perturbation alone (same ordering, same
+    view seed), so that each order-dependent method's pure-chaos SD is measured, not assumed (issue 25)."""
+
+    orderings: tuple = ()  # orderings (or families: their first ordering) replicated on every stream they run on
+    replicates: int = 0  # last-bit replicates of each such cell at the params' view seed (0: none)
+
+    def __post_init__(self):
+        if self.replicates < 0:
+            raise ValueError(f"replicates must be >= 0, got {self.replicates}")
 
 
 @dataclass(frozen=True)
@@ -161,19 +223,25 @@ class SweepConfig:
 
     datasets: tuple | None = None  # null: every dataset and mixture
     methods: tuple | None = None  # null: every declared method
-    orderings: tuple | None = None  # null: every ordering (cyclic ones pair with mixtures only)
+    orderings: tuple | None = None  # orderings or families (all their orderings); null: every ordering, each on the
+    #   streams its `on:` selects
     view_seeds: tuple | None = None  # augmentation seeds crossed with the orderings; null: views.view_seed alone
-    runner: str = "process"  # process | thread | dask
+    runner: str = "dask"  # dask (a LocalCluster, whose nanny restarts a lost worker) | process | thread
     workers: int = 2  # parallel runs on CPU (each with run.threads torch threads)
     workers_per_gpu: int = 1  # on a GPU node: worker processes (process runner) or threads (dask-cuda) per GPU
     dask_address: str | None = None  # tcp://scheduler:8786; null: a LocalCluster (LocalCUDACluster on GPUs)
+    runs_per_task: int = 10  # an order-dependent method's runs of one dataset per task, one after another
+    lost_worker_retries: int = 2  # times the runs of a lost worker go to a fresh runner before they count as failed
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
     def __post_init__(self):
         if self.runner not in ("process", "thread", "dask"):
             raise ValueError(f"runner must be 'process', 'thread' or 'dask', got {self.runner!r}")
-        if self.workers < 1 or self.workers_per_gpu < 1:
-            raise ValueError("workers and workers_per_gpu must be >= 1")
+        if self.workers < 1 or self.workers_per_gpu < 1 or self.runs_per_task < 1:
+            raise ValueError("workers, workers_per_gpu and runs_per_task must be >= 1")
+        if self.lost_worker_retries < 0:
+            raise ValueError("lost_worker_retries must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -207,14 +275,28 @@ class ReportConfig:
     """The `report:` block."""
 
     collapse_margin: float = 0.10  # a last block this far below zero-shot (same samples) or its first block
-    confidence: float = 0.95
-    bootstrap_samples: int = 2000
-    seed: int = 0
-    min_orderings: int = 3  # fewer orderings than this: the interval is flagged "too few orderings"
+    confidence: float = 0.95  # every interval's level; alpha = 1 - confidence for the tests
+    bootstrap_samples: int = 2000  # resamples of the samples bootstrap (against zero-shot and TPT)
+    seed: int = 0  # seeds the bootstrap, the permutation tests and the diagnostics' sample subset
+    reference_kind: str = "shuffle"  # the family every kind is contrasted with: the i.i.d. stream (issue 25)
+    adjustment: str = "fdr_bh"  # p-values adjusted across the report's rows: fdr_bh (Benjamini-Hochberg) | holm
+    equivalence_margin: float = 0.01  # "no larger than m points": the report's declared margin (accuracy units)
+    permutations: int = 9999  # of the within-kind permutation F test: p resolves to 1/(permutations + 1)
+    power: float = 0.8  # the power at which an underpowered row's smallest detectable effect is stated
+    tail_fraction: float = 0.1  # expected tail accuracy: the mean of exactly this worst fraction of runs
+    diagnostic_samples: int = 100  # samples per stream of C-TPT's first-step diagnostic (~25 ms each)
     max_panels: int = 6  # datasets per figure / DynaPrompt runs in the buffer figure, plan order
     dpi: int = 110
-    variance_bootstrap: int = 100  # parametric bootstrap refits behind each variance component's interval
-    workers: int = 2  # processes fitting the variance components
+
+    def __post_init__(self):
+        if self.adjustment not in ("fdr_bh", "holm"):
+            raise ValueError(f"adjustment must be 'fdr_bh' or 'holm', got {self.adjustment!r}")
+        if not 0 < self.confidence < 1 or not 0 < self.power < 1:
+            raise ValueError(f"confidence and power must lie in (0, 1), got {self.confidence} and {self.power}")
+        if not 0 < self.tail_fraction <= 1:
+            raise ValueError(f"tail_fraction must lie in (0, 1], got {self.tail_fraction}")
+        if self.equivalence_margin < 0 or self.permutations < 1 or self.diagnostic_samples < 0:
+            raise ValueError("equivalence_margin and diagnostic_samples must be >= 0, permutations >= 1")
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,14 @@ def rehearsal_params(workdir: Path, weights: Path, roots: dict) -> dict:
     params["run"] = {**params["run"], "threads": 1}
     params["datasets"] = {name: {**params["datasets"][name], "root": str(root)} for name, root in roots.items()}
     params["mixtures"] = {}  # the paper's mixture needs ImageNet, -V2 and -Sketch
-    params["orderings"] = {name: params["orderings"][name] for name in ("shuffle-0", "class_blocked-0")}
-    params["sweep"] = {**params["sweep"], "view_seeds": [0], "runner": "process", "workers": 2}  # its methods
+    params["orderings"] = {family: {**params["orderings"][family], "seeds": 1} for family in ("shuffle",
+                                                                                           "class_blocked")}
+    # no ViT-L/14 weights offline: RLCF's reward CLIP is the rehearsed model itself (tta-vlm's choice)
+    params["methods"]["rlcf"] = {**params["methods"]["rlcf"], "teacher": {"arch": None}}
+    params["sweep"] = {**params["sweep"], "view_seeds": [0], "runner": "process", "workers": 2,  # its methods
+                       "chaos": {"orderings": ["shuffle"], "replicates": 1}}
     params["testbed"] = {**params["testbed"], "streams": [n for n in params["testbed"]["streams"] if n in roots]}
     params["validate"] = {**params.get("validate", {}), "known_split_sizes": False}
-    params["report"] = {**params["report"], "variance_bootstrap": 10}
     params["mlflow"] = {**params["mlflow"], "experiment": "rehearsal"}
     return params
 

@@ -4,7 +4,8 @@
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.schedule [--params params.yaml]
 
 The second command registers the deployment and serves it. Each scheduled run is exactly
-`python -m flows.sweep --add-orderings K` (K = sweep.schedule.add_orderings): it draws K new orderings of each
+`python -m flows.sweep --add-orderings K` (K = sweep.schedule.add_orderings), on the params' `sweep.runner`, its
+workers talking to the server that serves the deployment (no server of their own): it draws K new orderings of each
 order-dependent kind for the (dataset, method) pairs whose interval is still wider than
 sweep.schedule.target_half_width, and does nothing once every pair is on target.
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from dynaprompt.features import ViewEncoder, cache_identity
-from dynaprompt.model import load_clip
+from dynaprompt.model import load_model
 from dynaprompt.plan import needed_views
 from dynaprompt.runner import feature_store, open_stream
 
@@ -26,7 +26,7 @@ def main(name: str) -> None:
         print(f"embed {name}: no planned run reads it; nothing to embed")
         return
     dataset = open_stream(config, name)
-    clip = load_clip(config.model)
+    clip = load_model(config)
     embed = config.embed
     for views in needed:
         encoder = ViewEncoder(clip, views, amp=config.tuning.amp, dtype=embed.dtype)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dynaprompt.datasets.fashion_mnist import CLASSNAMES, load_split, stratified_subset, to_rgb
-from dynaprompt.model import load_clip
+from dynaprompt.model import load_clip, located
 from dynaprompt.pretrain import eval_templates, image_features, pretrain, template_accuracies
 
 from .common import settings, write_json
@@ -24,17 +23,17 @@ from .common import settings, write_json
 def main() -> None:
     config = settings()
     training = config.pretrain
-    output = config.base_dir / training.output
+    output = located(training.output, config.base_dir)
     metrics_file = config.path("reports") / "pretrain.json"
-    if str(config.model.pretrained) != str(training.output):
+    if not trains_bundled_model(config):
         output.parent.mkdir(parents=True, exist_ok=True)
         (output.parent / "SKIPPED").write_text(f"model.pretrained is {config.model.pretrained!r}\n")
         write_json(metrics_file, {"skipped": True, "reason": f"model.pretrained is {config.model.pretrained!r}"})
         print(f"pretrain skipped: model.pretrained names other weights ({config.model.pretrained!r})")
         return
     torch.set_num_threads(training.threads)
-    clip = load_clip(replace(config.model, pretrained=None, device="cpu"))
-    source = config.base_dir / Path(training.source)
+    clip = load_clip(replace(config.model, pretrained=None, device="cpu"), config.base_dir)
+    source = located(training.source, config.base_dir)
     start = time.perf_counter()
     train_images, train_labels = load_split(source, "train")
     curve = pretrain(clip, to_rgb(train_images, clip.image_size), train_labels, CLASSNAMES, training)
@@ -55,6 +54,13 @@ def main() -> None:
     })
     print(f"pretrained {output} in {seconds:.0f}s: clean zero-shot {per_template['a photo of a {}.']:.3f}, "
           f"template std {values.std():.2f} points on clean test images")
+
+
+def trains_bundled_model(config) -> bool:
+    """Whether `model.pretrained` names the file this stage writes (both taken from the params file's folder)."""
+    pretrained = config.model.pretrained
+    return bool(pretrained) and (located(pretrained, config.base_dir).resolve()
+                                 == located(config.pretrain.output, config.base_dir).resolve())
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""report: check the sweep's results, then write reports/metrics.json, the figures, the plot data and the report.
+"""report: check the sweep's results, then write reports/metrics.json, the figures, the plot data, the tables and the
+report.
 
-Inputs: results/ (plan, registry, summaries and records of every run), reports/testbed.json, reports/pretrain.json.
-The validation report (reports/validation/results.json) is written first; incomplete or inconsistent results stop
-the stage after it, naming each bad run as dataset/method/ordering. Outputs: reports/metrics.json (`dvc metrics
-show`), reports/plots/*.csv (`dvc plots show|diff`), reports/figures/*.png, reports/report.md and report.html
-(self-contained), and the report as artifacts of the sweep's MLflow parent run.
+Inputs: results/ (plan, registry, summaries and records of every run), reports/testbed.json, reports/pretrain.json,
+reports/diagnostics.json. The validation report (reports/validation/results.json) is written first; incomplete or
+inconsistent results stop the stage after it, naming each bad run as dataset/method/ordering. Outputs:
+reports/metrics.json (`dvc metrics show`), reports/plots/*.csv (`dvc plots show|diff`), reports/figures/*.png,
+reports/tables/*.csv (the per-run tables), reports/report.md and report.html (self-contained), and the report as
+artifacts of the sweep's MLflow parent run. The report leads with the answer: per stream, each method on each kind
+of stream (stages/reporting/answer.py).
 """
 from __future__ import annotations
 
@@ -18,11 +21,22 @@ from dynaprompt.specs import Settings
 
 from .common import fail, settings, write_json
 from .reporting import figures
+from .reporting.answer import (
+    TABLES,
+    answer_section,
+    appendix,
+    chaos_section,
+    csv_tables,
+    diagnostics_section,
+    order_frame,
+    statistics_section,
+)
 from .reporting.document import Document, figure, interval, pct, signed, table, to_html
 from .reporting.metrics import compute_metrics
+from .reporting.orders import grid_runs
 from .reporting.results import InvalidResults, Results, load_results, validate_results, validation_message
 
-TITLE = "Test-time prompt tuning under different sample orders"
+TITLE = "Test-time adaptation under different kinds of test stream"
 
 
 def read_json(path: Path) -> dict | None:
@@ -32,22 +46,30 @@ def read_json(path: Path) -> dict | None:
 # ---------------------------------------------------------------- sections
 
 
-def setup_section(doc: Document, results: Results, config: Settings, metrics: dict) -> None:
+def lead(doc: Document, results: Results, config: Settings) -> None:
+    """The title and what the numbers rest on, in one paragraph."""
     runs = results.runs
-    main = runs[runs["group"].isin(["main", "added"])]
-    datasets = [{"dataset": d, "samples per stream": int(main.loc[main["dataset"] == d, "n"].iloc[0]),
-                 "orderings": int(main.loc[main["dataset"] == d, "ordering"].nunique()),
-                 "runs": int((main["dataset"] == d).sum())} for d in results.order("dataset", main)]
-    methods = [{"method": m, "kind": main.loc[main["method"] == m, "method_kind"].iloc[0],
-                "order-dependent": "no" if main.loc[main["method"] == m, "order_independent"].all() else "yes"}
-               for m in results.order("method", main)]
-    kinds = main.drop_duplicates("ordering").groupby("ordering_kind")["ordering"].apply(lambda o: ", ".join(o))
     groups = runs["group"].value_counts().to_dict()
-    devices = runs.fillna({"device": "unknown", "device_name": "unknown"}).groupby(["device", "device_name"]).size()
-    doc.add(f"# {TITLE}", "## Setup",
-            f"{len(runs)} runs ({', '.join(f'{v} {k}' for k, v in groups.items())}). Model `{config.model.arch}`, "
-            f"weights `{config.model.pretrained}`. Accuracy per block of {config.run.block_size} samples along "
-            f"each stream. Orderings: " + "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ". Computed on: "
+    doc.add(f"# {TITLE}",
+            f"Does a method hold up when the test stream changes? {len(runs)} runs "
+            f"({', '.join(f'{v} {k}' for k, v in groups.items())}) of `{config.model.arch}` "
+            f"(weights `{config.model.pretrained}`). Every stream is run as several kinds of stream, each kind as "
+            "several seeded orderings, each ordering under every view seed; the statistics are at the end.")
+
+
+def setup_section(doc: Document, results: Results, config: Settings, metrics: dict) -> None:
+    runs = grid_runs(results)
+    datasets = [{"stream": d, "samples": int(runs.loc[runs["dataset"] == d, "n"].iloc[0]),
+                 "kinds": len(metrics["kinds"].get(d, {})), "orderings": int(runs.loc[runs["dataset"] == d,
+                                                                                     "ordering"].nunique()),
+                 "runs": int((runs["dataset"] == d).sum())} for d in results.order("dataset", runs)]
+    methods = [{"method": m, "kind": runs.loc[runs["method"] == m, "method_kind"].iloc[0],
+                "order-dependent": "no" if runs.loc[runs["method"] == m, "order_independent"].all() else "yes"}
+               for m in results.order("method", runs)]
+    devices = results.runs.fillna({"device": "unknown", "device_name": "unknown"}).groupby(
+        ["device", "device_name"]).size()
+    doc.add("## Setup",
+            f"Accuracy per block of {config.run.block_size} samples along each stream. Computed on: "
             + "; ".join(f"{d} ({name}): {n} runs" for (d, name), n in devices.items())
             + " (a GPU's records can differ from a CPU's in the last bits)."
             + ("" if config.validate.known_split_sizes else
@@ -85,105 +107,47 @@ def testbed_section(doc: Document, metrics: dict) -> None:
                 figure("calibration.png"), table(rows))
 
 
-def headline_section(doc: Document, metrics: dict, config: Settings) -> None:
-    rows = []
-    for dataset, methods in metrics["datasets"].items():
-        for method, m in methods.items():
-            flag = " (too few orderings)" if m["too_few_orderings"] else ""
-            rows.append({"dataset": dataset, "method": method, "orderings": m["n_orderings"], "seeds": m["n_seeds"],
-                         "mean %": pct(m["mean"]), "95% CI (t)": f"[{pct(m['ci95'][0])}, {pct(m['ci95'][1])}]" + flag,
-                         "SD between orderings %": pct(m["std"], 2), "tail accuracy %": pct(m["tail_accuracy"]),
-                         "worst run": (f"{m['worst_cell']} ({pct(m['min'])})" if m["worst_cell"] else "all tie")})
-    doc.add("## Accuracy across orderings and seeds",
-            "Each order-dependent method ran every ordering under every augmentation seed (`sweep.view_seeds`); "
-            f"the mean is over that grid, with a {100 * config.report.confidence:.0f}% Student-t interval over the "
-            f"orderings (each averaged over seeds; n−1 degrees of freedom, flagged below "
-            f"{config.report.min_orderings} orderings). Tail accuracy: the mean of the worst 10% of the grid's "
-            "runs. Order-independent methods compute once per seed and are reordered, so their orderings tie.",
-            table(rows))
-
-
-def order_vs_chance_section(doc: Document, metrics: dict, config: Settings) -> None:
-    """The report's robustness question first: does the order matter more than a perturbation that is not one?"""
-    doc.add("## Does the order matter, beyond chance?",
-            "For a method whose state evolves chaotically, any perturbation changes which samples are right. So "
-            "an ordering's effect is weighed against a perturbation that is not an ordering: the augmentation "
-            "seed. Per stream, the SD of run accuracy due to the ordering, to the seed and to neither (their "
-            "interaction and noise), from a crossed random-effects model (REML; 95% intervals by parametric "
-            "bootstrap), and a permutation test of the ordering within seeds (Anderson & ter Braak 2003): "
-            "'order > chance' says the orderings' effect is consistent across seeds beyond the scatter; 'not "
-            "distinguishable from chance' says the order moves accuracy no more than any perturbation does; 'seed "
-            "has no effect: no control' marks a method that reads only the original view (its records are the "
-            "same under every seed), for which the seed is no perturbation and the grid cannot tell order from "
-            "chance: its SD(order) is the plain SD over orderings.")
-    by_stream = {}
-    for row in metrics["variance_components"]:
-        by_stream.setdefault(row["dataset"], []).append(row)
-    for dataset, rows in by_stream.items():
-        n = rows[0]
-        doc.add(f"### {dataset} ({n['n_orderings']} orderings x {n['n_seeds']} seeds)", table([{
-            "method": r["method"], "SD(order) % [95% CI]": sd_cell(r["sd_order"], r["sd_order_ci"]),
-            "SD(seed) % [95% CI]": sd_cell(r["sd_seed"], r["sd_seed_ci"]),
-            "SD(residual) %": pct(r["sd_residual"], 2), "p (order within seeds)": p_cell(r["p_value"]),
-            "verdict": r["verdict"], "mean %": pct(r["mean"]), "tail accuracy %": pct(r["tail_accuracy"]),
-        } for r in rows]))
-    spread_rows = []
-    for dataset, methods in metrics["datasets"].items():
-        for method, m in methods.items():
-            q, qs = m["cochran_q"], m["cochran_q_seeds"]
-            spread_rows.append({"dataset": dataset, "method": method,
-                                "SD between orderings": pct(m["between_sd"], 2),
-                                "SE within a run": pct(m["within_se"], 2),
-                                "Cochran's Q, orderings at one seed": q_cell(q),
-                                "Cochran's Q, seeds at one ordering": q_cell(qs)})
-    doc.add(figure("order_vs_seed.png"),
-            "Per sample, as a reference: Cochran's Q (Cochran 1950) across the orderings at the params' own seed, "
-            "next to Cochran's Q across the seeds at one ordering. When both are tiny, the per-sample test cannot "
-            "tell the order from any perturbation: read the variance components above. The SD between orderings "
-            "(seed-averaged) stands next to the binomial SE of one run (sampling alone).",
-            figure("order_vs_chance.png"), table(spread_rows))
-
-
-def sd_cell(value, interval) -> str:
-    low, high = interval or (None, None)
-    if value is None:
-        return "–"
-    return f"{pct(value, 2)} [{pct(low, 2)}, {pct(high, 2)}]"
-
-
-def p_cell(p) -> str:
-    return "–" if p is None else f"{p:.3g}"
-
-
-def q_cell(q: dict) -> str:
-    if q["q"] is None:
-        return "–"
-    return f"Q {q['q']:.1f} (df {q['df']}), p {q['p_value']:.3g}, {q['discordant_samples']} samples change"
-
-
-def differences_section(doc: Document, metrics: dict) -> None:
+def differences_section(doc: Document, metrics: dict, config: Settings) -> None:
     rows = []
     for dataset, methods in metrics["datasets"].items():
         for method, m in methods.items():
             for name, label in (("vs_zero_shot", "zero-shot"), ("vs_tpt", "TPT")):
                 d = m.get(name)
                 if d:
-                    rows.append({"dataset": dataset, "method": method, "against": label,
-                                 "Δ points": signed(d["mean_diff"]), "orderings": d["n_orderings"],
-                                 "runs": d["n_runs"],
+                    wins = (f"{m['wins_vs_zero_shot']:.1f} / {m['losses_vs_zero_shot']:.1f}"
+                            if label == "zero-shot" and "wins_vs_zero_shot" in m else "")
+                    rows.append({"stream": dataset, "method": method, "against": label,
+                                 "Δ points": signed(d["mean_diff"]), "orderings x seeds": d["n_runs"],
                                  "95% CI over orderings (t)": interval(d["ci_orderings"]),
-                                 "samples": d["n_samples"],
-                                 "95% CI over samples (bootstrap)": interval(d["ci_samples"])})
+                                 "95% CI over samples (bootstrap)": interval(d["ci_samples"]),
+                                 "wins / losses per run": wins})
     doc.add("## Against zero-shot and TPT",
-            "Accuracy difference in points, paired by sample within each run against the reference at the same "
-            "seed, averaged over the grid. Two 95% intervals: Student-t over the per-ordering differences (each "
-            "averaged over seeds: what another ordering would give), and a percentile bootstrap over samples (what "
-            "other samples would give).", table(rows))
+            f"On the i.i.d. kind ({config.report.reference_kind}): the accuracy difference in points, paired by sample "
+            "within each run against the reference at the same seed, averaged over the kind's runs. Two 95% "
+            "intervals: Student-t over the per-ordering differences (what another ordering would give), and a "
+            "percentile bootstrap over samples (what other samples would give). Wins / losses: samples a run gets "
+            "right and zero-shot wrong, and the reverse, averaged over all its runs (per run: "
+            "`reports/tables/wins_losses.csv`).", table(rows))
 
 
-def figures_section(doc: Document) -> None:
-    doc.add("## Along the stream", figure("accuracy_per_block.png"), figure("accuracy_by_ordering_kind.png"),
-            figure("buffer_dynamics.png"))
+def stream_section(doc: Document, metrics: dict) -> None:
+    """The per-kind block curves and the memory, with the cyclic streams' memory per method."""
+    cyclic = {}
+    for dataset, methods in metrics["datasets"].items():
+        for method, m in methods.items():
+            losses = [e["cyclic_loss"] for e in m["per_cell"].values() if "cyclic_loss" in e]
+            counted = sum(c["appended_before_return"] for c in losses)
+            if counted:
+                lost = sum(c["deleted_before_return"] for c in losses)
+                cyclic[(dataset, method)] = {"stream": dataset, "method": method, "cyclic runs": len(losses),
+                                             "entries appended before their domain returned": counted,
+                                             "deleted before it returned": f"{lost} ({lost / counted:.2f})"}
+    doc.add("## Along the stream", figure("accuracy_per_block.png"), figure("buffer_dynamics.png"))
+    if cyclic:
+        doc.add("### Cyclic streams: is a domain's memory still there when it returns?",
+                "Entries (prompts, cached features) appended during a domain's block, and how many were deleted "
+                "before that domain's next block, summed over each method's cyclic runs (per run: "
+                "`reports/tables/cyclic_memory.csv`).", table(list(cyclic.values())))
 
 
 def ablation_section(doc: Document, metrics: dict, config: Settings) -> None:
@@ -208,58 +172,33 @@ def collapse_counts(metrics: dict) -> list[tuple[str, str, int, int]]:
 
 
 def collapse_section(doc: Document, metrics: dict, block_size: int) -> None:
-    rows, cyclic, wins = [], [], []
-    for dataset, methods in metrics["datasets"].items():
-        for method, m in methods.items():
-            for cell, e in m["per_cell"].items():
-                if e["collapsed"]:
-                    rows.append({"run": f"{dataset}/{method}/{cell}", "first block %": pct(e["first_block"]),
-                                 "last block %": pct(e["last_block"]),
-                                 "zero-shot on its last block's samples %": pct(e["zero_shot_last_block"])})
-                if "cyclic_loss" in e:
-                    c = e["cyclic_loss"]
-                    cyclic.append({"run": f"{dataset}/{method}/{cell}",
-                                   "appended (domain returns)": c["appended_before_return"],
-                                   "deleted before it returned": c["deleted_before_return"],
-                                   "fraction": "–" if c["fraction"] is None else f"{c['fraction']:.2f}"})
-            if "wins_vs_zero_shot" in m:
-                wins.append({"dataset": dataset, "method": method, "wins": f"{m['wins_vs_zero_shot']:.1f}",
-                             "losses": f"{m['losses_vs_zero_shot']:.1f}",
-                             "net": f"{m['wins_vs_zero_shot'] - m['losses_vs_zero_shot']:+.1f}"})
-    counts = [{"dataset": d, "method": m, "runs collapsed": f"{k} of {n}"} for d, m, k, n in collapse_counts(metrics)]
+    counts = [{"stream": d, "method": m, "runs collapsed": f"{k} of {n}",
+               "kinds": ", ".join(dict.fromkeys(metrics["kinds"][d][metrics["datasets"][d][m]["per_cell"][c]["kind"]]
+                                                ["label"] for c in metrics["datasets"][d][m]["collapsed_cells"]))}
+              for d, m, k, n in collapse_counts(metrics)]
     doc.add("## What collapsed",
             f"Order-dependent runs whose last block falls more than {metrics['collapse_margin']:g} below zero-shot "
             "on the same samples, or below their own first block (gains over zero-shot compared). One block's "
             f"accuracy ({block_size} samples) has a binomial SE of up to {50 / block_size ** 0.5:.1f} points, so a "
             f"drop of {100 * metrics['collapse_margin']:g} points in one run of many can be chance: a method collapses "
-            "where most of its runs do. Per method, then per run:",
-            *([table(counts), table(rows)] if rows else ["No run collapsed."]))
-    if cyclic:
-        doc.add("## Cyclic streams: is a domain's memory still there when it returns?",
-                "Entries (prompts, cached features) appended during a domain's block, and how many were deleted "
-                "before that domain's next block.", table(cyclic))
-    doc.add("## Per-sample wins and losses against zero-shot",
-            "Samples a method gets right and zero-shot wrong (wins) and the reverse, per stream, averaged over "
-            "the runs of its grid.", table(wins))
+            "where most of its runs do. Per method (per run: `reports/tables/runs_collapse.csv`):",
+            table(counts) if counts else "No run collapsed.")
 
 
 def evidence_section(doc: Document, metrics: dict, config: Settings) -> None:
-    rows = [{"dataset": r["dataset"], "method": r["method"], "orderings": r["n_orderings"], "seeds": r["n_seeds"],
-             "half-width of the mean (points)": pct(r["half_width"], 2),
-             "width of SD(order)'s interval (points)": pct(r["sd_order_ci_width"], 2),
-             "targets met": "yes" if r["met"] else "no"} for r in metrics["evidence"]]
+    rows = metrics["evidence"]
     schedule = config.sweep.schedule
+    widest = sorted((r for r in rows if not r["met"]), key=lambda r: -(r["half_width"] or 0))[:10]
     doc.add("## Evidence: how tight is each estimate?",
-            f"For each order-dependent method: the orderings its mean rests on (params and scheduled sweeps, each "
-            f"under every seed), the half-width of its 95% interval, and the width of the interval of SD(order), "
-            f"against the schedule's targets (±{100 * schedule.target_half_width:g} points; "
-            f"{100 * schedule.target_sd_order_width:g} points). Scheduled sweeps "
-            "(`python -m flows.sweep --add-orderings K`) add (ordering, seed) cells until every target is met.",
-            figure("evidence.png"), table(rows))
-
-
-def statistics_section(doc: Document, metrics: dict) -> None:
-    doc.add("## The statistics", "\n".join(f"- **{k}**: {v}" for k, v in metrics["definitions"].items()))
+            f"Per order-dependent method and kind: the half-width of the 95% interval of the kind's mean, and the "
+            f"width of the interval of its within-kind SD, against the schedule's targets "
+            f"(±{100 * schedule.target_half_width:g} points; {100 * schedule.target_sd_order_width:g} points). "
+            f"{sum(r['met'] for r in rows)} of {len(rows)} (stream, method, kind) estimates meet both. Scheduled "
+            "sweeps (`python -m flows.sweep --add-orderings K`) add orderings until every target is met. The "
+            f"{len(widest)} widest still open (all: `reports/tables/evidence.csv`):", figure("evidence.png"),
+            table([{"stream": r["stream"], "method": r["method"], "kind": r["label"], "orderings": r["n_orderings"],
+                    "half-width of the mean (points)": pct(r["half_width"], 2),
+                    "width of SD(order)'s interval (points)": pct(r["sd_order_ci_width"], 2)} for r in widest]))
 
 
 # ---------------------------------------------------------------- figures and plot data
@@ -268,34 +207,39 @@ def statistics_section(doc: Document, metrics: dict) -> None:
 def draw(results: Results, metrics: dict, config: Settings, reports_dir: Path) -> None:
     out, plots, dpi = reports_dir / "figures", reports_dir / "plots", config.report.dpi
     plots.mkdir(parents=True, exist_ok=True)
-    main = results.runs[results.runs["group"].isin(["main", "added"])]
-    datasets = results.order("dataset", main)[: config.report.max_panels]
-    methods = results.order("method", main)
-    figures.accuracy_per_block(main, datasets, methods, out / "accuracy_per_block.png", dpi)
-    figures.accuracy_by_ordering_kind(main, datasets, methods, set(main.loc[main["order_independent"], "method"]),
-                                      out / "accuracy_by_ordering_kind.png", dpi)
-    spread = [{"dataset": d, "method": m, "between_sd": v["between_sd"], "within_se": v["within_se"],
-               "p_value": v["cochran_q"]["p_value"]}
-              for d, ms in metrics["datasets"].items() for m, v in ms.items() if not v["order_independent"]]
-    figures.order_vs_chance(spread, out / "order_vs_chance.png", dpi)
-    figures.order_vs_seed([r for r in metrics["variance_components"] if r["sd_order"] is not None],
-                          out / "order_vs_seed.png", dpi)
-    figures.buffer_dynamics(buffer_panels(results, main, config.report.max_panels), out / "buffer_dynamics.png", dpi)
+    runs = grid_runs(results)
+    datasets = results.order("dataset", runs)[: config.report.max_panels]
+    panels = [(d, family, block_title(d, kind)) for d in datasets for family, kind in metrics["kinds"][d].items()]
+    figures.accuracy_per_block(runs, panels, results.order("method", runs), out / "accuracy_per_block.png", dpi)
+    rows = order_frame(metrics)
+    contrasts = rows[rows["term"] == "kind"].to_dict("records")
+    figures.kind_contrasts(contrasts, config.report.equivalence_margin, 1 - config.report.confidence,
+                           out / "kind_contrasts.png", dpi)
+    figures.chaos_against_order(rows[rows["term"] == "ordering"].to_dict("records"), metrics["chaos"],
+                                out / "chaos_against_order.png", dpi)
+    figures.buffer_dynamics(buffer_panels(results, runs, config.report.max_panels), out / "buffer_dynamics.png", dpi)
     calibration = metrics.get("calibration") or {"rows": [], "reference": "zero_shot", "v0_context_rms": None}
     figures.calibration_curve(calibration["rows"], calibration["reference"], calibration["v0_context_rms"],
                               out / "calibration.png", dpi)
     figures.buffer_size_curve(metrics["buffer_size"], out / "ablation_buffer_size.png", dpi)
     figures.margins_heatmap(metrics["margins"], out / "ablation_margins.png", dpi)
     figures.evidence_growth(metrics["evidence"], config.sweep.schedule.target_half_width, out / "evidence.png", dpi)
-    block_rows = [{"dataset": r.dataset, "method": r.method, "ordering": r.ordering, "view_seed": r.view_seed,
-                   "samples_seen": (k + 1) * int(r.block_size), "accuracy": a}
-                  for r in main.itertuples(index=False) for k, a in enumerate(r.block_accuracy)]
+    block_rows = [{"dataset": r.dataset, "method": r.method, "kind": r.ordering_family, "ordering": r.ordering,
+                   "view_seed": r.view_seed, "samples_seen": (k + 1) * int(r.block_size), "accuracy": a}
+                  for r in runs.itertuples(index=False) for k, a in enumerate(r.block_accuracy)]
     pd.DataFrame(block_rows).to_csv(plots / "accuracy_per_block.csv", index=False)
-    pd.DataFrame([{**{k: v for k, v in r.items()}, "run": f"{r['dataset']}/{r['method']}"} for r in spread]).to_csv(
-        plots / "ordering_spread.csv", index=False)
+    pd.DataFrame([{"row": f"{r['stream']}/{r['method']}/{r['kind']}", "contrast": r["estimate"],
+                   "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_adjusted": r["p_adjusted"]}
+                  for r in contrasts], columns=["row", "contrast", "ci_low", "ci_high", "p_adjusted"]).to_csv(
+        plots / "kind_contrasts.csv", index=False)
     pd.DataFrame(calibration["rows"]).to_csv(plots / "calibration.csv", index=False)
     pd.DataFrame([{k: v for k, v in r.items() if k != "ci95"} for r in metrics["buffer_size"]]).to_csv(
         plots / "buffer_size.csv", index=False)
+
+
+def block_title(stream: str, kind: dict) -> str:
+    correlation = kind["label_correlation"]
+    return f"{stream}\n{kind['label']}" + ("" if correlation is None else f" (label corr. {correlation:.2f})")
 
 
 MEMORY_LABELS = {  # method kind -> what its records' buffer_size counts, what its `selected` lists, how often
@@ -329,7 +273,8 @@ def buffer_panels(results: Results, main: pd.DataFrame, limit: int) -> list[dict
 
 
 def build_report(config: Settings) -> dict:
-    """Validate the results, then write metrics.json, figures, plot data and report.md/.html; returns the metrics.
+    """Validate the results, then write metrics.json, figures, plot data, tables and report.md/.html; returns the
+    metrics.
 
     Raises InvalidResults after writing the validation report when the results are incomplete or inconsistent.
     """
@@ -342,20 +287,27 @@ def build_report(config: Settings) -> dict:
     if not validation["success"]:
         raise InvalidResults(validation_message(validation, target))
     metrics = compute_metrics(results, config, read_json(reports_dir / "testbed.json"),
-                              read_json(reports_dir / "pretrain.json"))
+                              read_json(reports_dir / "pretrain.json"), read_json(reports_dir / "diagnostics.json"))
     write_json(reports_dir / "metrics.json", metrics)
     draw(results, metrics, config, reports_dir)
+    tables = csv_tables(metrics)
+    (reports_dir / TABLES).mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_csv(reports_dir / TABLES / f"{name}.csv", index=False)
     doc = Document()
+    lead(doc, results, config)
+    answer_section(doc, metrics, config)
+    chaos_section(doc, metrics)
+    diagnostics_section(doc, metrics)
+    stream_section(doc, metrics)
     setup_section(doc, results, config, metrics)
     testbed_section(doc, metrics)
-    headline_section(doc, metrics, config)
-    order_vs_chance_section(doc, metrics, config)
-    differences_section(doc, metrics)
-    figures_section(doc)
+    differences_section(doc, metrics, config)
     ablation_section(doc, metrics, config)
     collapse_section(doc, metrics, config.run.block_size)
     evidence_section(doc, metrics, config)
-    statistics_section(doc, metrics)
+    statistics_section(doc, metrics, config)
+    appendix(doc, metrics, tables)
     (reports_dir / "report.md").write_text(doc.markdown())
     (reports_dir / "report.html").write_text(to_html(doc.markdown(), reports_dir, TITLE))
     return metrics
@@ -363,11 +315,12 @@ def build_report(config: Settings) -> dict:
 
 def attach_to_sweep(config: Settings) -> None:
     """The report as artifacts of the latest sweep's MLflow parent run (when MLflow and that run exist)."""
+    from tasks.tracking import attach_report, mlflow_store
+
     record = ResultsLayout(config.path("results")).read_sweep_record()
-    db = config.base_dir / config.mlflow.db
+    db, _ = mlflow_store(config)  # the workspace's database, also from a `dvc exp run --temp` copy
     if not record or not db.is_file():
         return
-    from tasks.tracking import attach_report
 
     reports = config.path("reports")
     attach_report(db, config.mlflow.experiment, record["mlflow_run_id"],
@@ -382,8 +335,8 @@ def main() -> None:
         fail(str(error))
     attach_to_sweep(config)
     flagged = [f"{d}/{m} ({k}/{n})" for d, m, k, n in collapse_counts(metrics)]
-    print(f"report: {metrics['runs']} runs -> {config.path('reports') / 'report.html'}; "
-          f"collapsed (runs of the grid): {', '.join(flagged) or 'none'}")
+    print(f"report: {metrics['runs']} runs, {metrics['tested_rows']} tested rows ({metrics['adjustment']}) -> "
+          f"{config.path('reports') / 'report.html'}; collapsed (runs of the grid): {', '.join(flagged) or 'none'}")
 
 
 if __name__ == "__main__":

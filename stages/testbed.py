@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dynaprompt.features import ViewEncoder
-from dynaprompt.model import load_clip
+from dynaprompt.model import load_model
 from dynaprompt.pretrain import template_accuracies
 from dynaprompt.resolve import template_set
 from dynaprompt.runner import build_text_encoder, open_stream, template_cache
@@ -22,7 +22,7 @@ from .common import settings, write_json
 
 def main() -> None:
     config = settings()
-    clip = load_clip(config.model)
+    clip = load_model(config)
     templates = template_set(config, config.testbed.templates)
     streams = {}
     for name in config.testbed.streams:

@@ -15,6 +15,7 @@ def configure_environment() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        "DASK_LOGGING__DISTRIBUTED": "warning",  # a LocalCluster's start-up chatter; a restarted worker still shows
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),

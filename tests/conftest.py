@@ -112,7 +112,8 @@ def sweep_params(image_root, tmp_path, **sweep_overrides):
     params["mixtures"] = {"toy-mix": {"members": ["toy-a", "toy-b"]}}
     params["methods"] = {"zero_shot": {"kind": "zero_shot"}, "tpt": {"kind": "tpt"},
                          "online_tpt": {"kind": "online_tpt"}, "dynaprompt": {"kind": "dynaprompt", "buffer_size": 3}}
-    params["orderings"] = {"shuffle-0": {"kind": "shuffle", "seed": 0}, "shuffle-1": {"kind": "shuffle", "seed": 1},
+    params["orderings"] = {"shuffle-0": {"kind": "shuffle", "seed": 0, "on": "datasets"},
+                           "shuffle-1": {"kind": "shuffle", "seed": 1, "on": "datasets"},
                            "cyclic-0": {"kind": "cyclic", "block": 2, "seed": 0}}
     params["paths"] = {"results": str(tmp_path / "results"), "prepared": str(tmp_path / "prepared"),
                        "features": str(tmp_path / "features")}

@@ -1,10 +1,6 @@
 """Smoke test of the benchmark: every method timed against its plain reference (predictions identical), the
 online peers as library-only rows next to TPT, the tables printed through pandas."""
 import json
-import os
-import sys
-
-import pytest
 
 from benchmarks.bench import (
     LOCKSTEP_METHODS,
@@ -77,26 +73,6 @@ def test_cache_arithmetic_over_a_planned_sweep(image_root):
     assert passes["runs"] == 3 * 4  # 3 methods x 4 orderings on the sized dataset
     assert passes["cached_passes"] == 12
     assert passes["uncached_passes"] == 12 * 4 * (1 + 3 + 1)
-
-
-@pytest.mark.slow
-def test_the_gpu_script_runs_every_part_on_cpu_at_the_tiny_size(tmp_path):
-    """benchmarks/gpu.sh --device cpu --quick: what a GPU owner runs, at the bundled size on this machine."""
-    import subprocess
-
-    out = tmp_path / "benchmark-gpu.json"
-    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--device", "cpu", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert {(r["classes"], r["method"]) for r in report["speed"]} == {
-        (c, m) for c in (10, 20) for m in ("tpt", "online_tpt", "dynaprompt")}
-    assert all(r["orderings"] == 4 and r["identical_predictions"] == r["samples_total"] for r in report["lockstep"])
-    assert {(r["classes"], r["method"], r["chunked"]) for r in report["memory"]} == {
-        (c, m, chunked) for c in (10, 20) for m in ("tpt", "dynaprompt") for chunked in (False, True)}
-    assert report["embed"]["identical_features"] and report["share"]["ratio"] > 0
-    assert "| C | method |" in out.with_suffix(".md").read_text()
-    assert report["tflops_per_second"] > 0 and "check.tflops_per_second" in out.with_suffix(".md").read_text()
 
 
 def test_the_peers_benchmark_times_every_training_free_peer_and_fills_its_memory(tmp_path, capsys):

@@ -68,14 +68,36 @@ def test_a_run_killed_between_checkpoints_resumes_with_identical_records(name, t
         assert uninterrupted["entropy_after"].nunique() > 1
 
 
-def test_a_checkpoint_of_another_fingerprint_is_discarded(text, tmp_path):
+def test_a_checkpoint_of_another_fingerprint_is_discarded(text, tmp_path, capsys):
     samples = dict(zip("abcdef", random_view_features(6, n_views=16, dim=128, seed=5)))
     ids, labels = list(samples), {s: 0 for s in samples}
     method = build_method("online_tpt", text, TUNING)
     checkpoint = RunCheckpoint(tmp_path / "c", "old", every=2)
     run_stream(method, ids[:3], labels, samples.__getitem__, checkpoint=checkpoint)  # leaves a save after 2
+    capsys.readouterr()
     assert RunCheckpoint(tmp_path / "c", "new", every=2).load() is None
     assert not (tmp_path / "c").exists()
+    assert capsys.readouterr().out == (f"{tmp_path / 'c'}: a checkpoint of other params, weights, code or device: "
+                                       "discarded, the run starts at sample 0\n")
+
+
+def test_a_resumed_run_says_so_first_and_a_fresh_one_does_not(text, tmp_path, capsys):
+    samples = dict(zip([f"s{i}" for i in range(9)], random_view_features(9, n_views=16, dim=128, seed=7)))
+    ids, labels = list(samples), {s: 0 for s in samples}
+    folder = tmp_path / "run.checkpoint"
+    def dies_at_s5(sample_id):
+        if sample_id == "s5":
+            raise Killed
+        return samples[sample_id]
+
+    with pytest.raises(Killed):
+        run_stream(build_method("online_tpt", text, TUNING), ids, labels, dies_at_s5, desc="toy/online_tpt/shuffle-0",
+                   checkpoint=RunCheckpoint(folder, "fp", every=2))
+    assert "resuming" not in capsys.readouterr().out  # a fresh start says nothing of a checkpoint
+    run_stream(build_method("online_tpt", text, TUNING), ids, labels, samples.__getitem__,
+               desc="toy/online_tpt/shuffle-0", checkpoint=RunCheckpoint(folder, "fp", every=2))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"toy/online_tpt/shuffle-0: resuming at sample 4 of 9 from its checkpoint {folder}"
 
 
 # ----------------------------------------------------------------------------------------- kill -9, for real
@@ -150,8 +172,12 @@ def test_kill_9_of_a_cli_run_resumes_from_its_checkpoint(tmp_path):
                "dynaprompt", "--ordering", "shuffle-0", "--no-progress"]
     kill_when_checkpointed(command, state, env)
     assert layout.read_summary(key) is None  # killed: nothing written as finished
+    saved = torch_load_records(state)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()  # views made on the fly (no cache here), the device, then the resume
+    resume = f"toy/dynaprompt/shuffle-0: resuming at sample {saved} of 210 from its checkpoint"
+    assert any(line.startswith(resume) for line in lines[:3]), lines
     compare(layout.read_records(key), reference_records(tmp_path, params, env))
     assert not state.parent.exists()  # a finished run leaves no checkpoint
 
@@ -167,8 +193,10 @@ def test_kill_9_of_a_sweep_resumes_its_run_from_the_checkpoint(tmp_path):
     command = [sys.executable, "-m", "flows.sweep", "--params", str(params)]
     kill_when_checkpointed(command, state, env)
     saved = torch_load_parts(state)
+    records = torch_load_records(state)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
+    assert f"toy/dynaprompt/shuffle-0: resuming at sample {records} of 210 from its checkpoint" in done.stdout
     compare(layout.read_records(key), reference_records(tmp_path, params, env))
     assert saved >= 2
 
@@ -177,3 +205,9 @@ def torch_load_parts(state_file) -> int:
     import torch
 
     return torch.load(state_file, weights_only=True)["parts"]
+
+
+def torch_load_records(state_file) -> int:
+    import torch
+
+    return torch.load(state_file, weights_only=True)["records"]

@@ -25,7 +25,7 @@ LOG2_3 = math.log2(3)
 def frozen(**options) -> DPE.Config:
     """No residual step (both learning rates 0): the cache and the read-out alone."""
     return DPE.Config(**{"query": "original", "inference_query": "original", "lr_text": 0.0, "lr_image": 0.0,
-                         **options})
+                         "logit_scale": "model", **options})
 
 
 def unit(v):
@@ -135,7 +135,7 @@ def adamw_first_step(loss, params, lr, eps, step=1e-6):
 
 def test_dpe_one_adamw_step_on_both_residuals_and_the_textual_evolution_by_hand():
     scale, alpha, beta, align, lr = 5.0, 6.0, 5.0, 2.5, 0.05
-    config = DPE.Config(query="original", inference_query="original", lr_text=lr, lr_image=lr)
+    config = DPE.Config(query="original", inference_query="original", lr_text=lr, lr_image=lr, logit_scale="model")
     method = DPE(basis_text(scale), TUNING, config)
     text_global = [vec(1), vec(0, 1), vec(0, 0, 1)]  # the stub's text features e0, e1, e2
     prototypes = {}
@@ -168,7 +168,8 @@ def test_dpe_one_adamw_step_on_both_residuals_and_the_textual_evolution_by_hand(
 
 
 def test_dpe_classes_out_of_the_cache_keep_a_zero_residual():
-    method = DPE(basis_text(5.0), TUNING, DPE.Config(query="original", inference_query="original", lr_image=0.05))
+    method = DPE(basis_text(5.0), TUNING, DPE.Config(query="original", inference_query="original", lr_image=0.05,
+                                                     logit_scale="model"))
     captured = []
     original_step = method.step
     method.step = lambda *args: captured.append(original_step(*args)) or captured[-1]
@@ -245,6 +246,26 @@ def test_dpe_runs_on_the_tiny_clip(text):
     records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
     assert len(records) == 3 and records["pred"].between(0, 2).all() and records["buffer_size"].iloc[-1] >= 1
     assert DPE.uses_templates and not DPE.order_independent
+
+
+def test_dpe_authors_literal_logit_scale_by_hand():
+    """utils.py:146's 100 against the model's scale (the stub's 5): entropies, read-out and the evolution gate."""
+    x = towards(40)
+    evolved = {}
+    for option, scale in (("authors", 100.0), ("model", 5.0)):
+        method = DPE(basis_text(5.0), TUNING, frozen(alpha=1.0, logit_scale=option))
+        o = method(views(x))
+        logits = logits_of(x, scale)
+        final = [logits[0] + 1.0 * math.exp(-5.0 * (1 - dot(x, x))), logits[1], logits[2]]  # it reads itself
+        assert o.entropy_before == pytest.approx(entropy_of(softmax(logits)), rel=1e-4, abs=1e-6)
+        assert method.snapshot()["cache"][0][0][1] == pytest.approx(entropy_of(softmax(logits)) / LOG2_3,
+                                                                    rel=1e-4, abs=1e-6)
+        assert o.entropy_after == pytest.approx(entropy_of(softmax(final)), rel=1e-4, abs=1e-6)
+        evolved[option] = method.snapshot()["n_evolved"]
+        assert evolved[option] == int(entropy_of(softmax(final)) / LOG2_3 < 0.1)
+    assert evolved == {"authors": 1, "model": 0}  # the literal makes the sample confident enough to evolve T_g
+    with pytest.raises(ValueError):
+        DPE.Config(logit_scale="clip")
 
 
 def test_dpe_blurry_sample_enters_under_the_first_class_and_config_checks():

@@ -65,11 +65,21 @@ def plan_of(**blocks):
 
 def test_plan_crosses_datasets_methods_orderings_and_pairs_cyclic_with_mixtures():
     plan = plan_of()
-    assert len(plan) == 2 * 3 * 2 + 1 * 3 * 2
+    # s0 and cb run on every stream (their default `on: all`), the cyclic ones on the mixture only
+    assert len(plan) == 2 * 3 * 2 + 1 * 3 * 4
     assert RunKey("ab", "dp", "cy") in plan and RunKey("a", "dp", "cy") not in plan
-    assert RunKey("ab", "dp", "s0") not in plan
+    assert RunKey("ab", "dp", "s0") in plan
     only = plan_of(sweep={"datasets": ["a"], "methods": ["tpt"]})
     assert only == [RunKey("a", "tpt", "s0"), RunKey("a", "tpt", "cb")]
+
+
+def test_on_selects_the_streams_an_ordering_runs_on():
+    orderings = {"s0": {"kind": "shuffle", "seed": 0, "on": "mixtures"},
+                 "cb": {"kind": "class_blocked", "on": "datasets"},
+                 "d": {"kind": "dirichlet", "delta": 0.1, "on": ["b"]}, "cy": {"kind": "cyclic", "block": 5}}
+    plan = plan_of(orderings=orderings, sweep={"methods": ["dp"]})
+    assert sorted((k.dataset, k.ordering) for k in plan) == [("a", "cb"), ("ab", "cy"), ("ab", "s0"), ("b", "cb"),
+                                                              ("b", "d")]
 
 
 def test_ablation_plan_runs_every_variant_and_reference_on_its_stream():

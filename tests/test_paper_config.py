@@ -27,12 +27,14 @@ def expected(method: str, dataset: str) -> dict:
         "tpt": 5e-3, "online_tpt": 5e-3, "ctpt": 5e-3, "rtpt": 5e-3,
         "dynaprompt": 3e-3 if fine else 5e-3, "dynaprompt_official": 3e-3 if fine else 5e-3,
         "dynaprompt_authors_script": 5e-3,  # run_dynap.sh: lr=0.005 everywhere
+        "histpt": 5e-3,  # TTABC main.py --lr default (the authors' code is segmentation only)
     }.get(method)
     augmix = {  # TPT's code: AugMix on the fine-grained sets (len(set_id) > 1)
         "zero": False, "boostadapter": False, "mta": False,  # crop + flip on every set (their authors)
         "dpe": True,  # DPE: AugMix on every set (utils.py:get_preprocess)
         "ctpt": fine or dataset in SHIFTS,  # --I_augmix on the shifts
         "tda": fine or dataset in SHIFTS,  # TDA's loader: 63 AugMix views on A/V2/R/Sketch (utils.py:L103)
+        "dota": fine or dataset in SHIFTS,  # DOTA's loader (TDA's): 63 AugMix views on A/V2/R/Sketch
     }.get(method, fine)
     options = {
         "dynaprompt": {"selection": "paper", "buffer_size": 10},
@@ -44,6 +46,7 @@ def expected(method: str, dataset: str) -> dict:
         "mta": {"lambda_y": 0.2, "lambda_q": 4.0},
         "tda": {"query": "confident" if dataset in SHIFTS else "original"},
         "boostadapter": {"query": "confident" if dataset in SHIFTS else "original"},
+        "dota": {"query": "confident" if dataset in SHIFTS else "original", "logit_scale": "authors"},
         "dpe": {"query": "confident" if dataset in IMAGENET_FAMILY and dataset != "imagenet" or dataset == "imagenet"
                 else "original", "inference_query": "confident" if dataset == "imagenet_a" else "original"},
     }.get(method, {})

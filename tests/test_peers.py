@@ -93,7 +93,7 @@ def h(degrees: float, a: int = 0, b: int = 1, scale: float = 10.0) -> float:
 
 
 def test_tda_positive_cache_keeps_the_lowest_entropy_per_class():
-    method = TDA(basis_text(), TUNING, TDA.Config(query="original"))
+    method = TDA(basis_text(), TUNING, TDA.Config(query="original", logit_scale="model"))
     # all out of the negative band (H / log2 3 < 0.18): only the positive cache moves
     out = [method(views(towards(d))) for d in (30, 10, 20)]
     assert [o.appended for o in out] == [[0], [1], [2]] and all(o.deleted == [] for o in out)
@@ -118,7 +118,7 @@ def test_tda_positive_cache_keeps_the_lowest_entropy_per_class():
 
 
 def test_tda_negative_band_and_final_logits_by_hand():
-    method = TDA(basis_text(), TUNING, TDA.Config(query="original"))
+    method = TDA(basis_text(), TUNING, TDA.Config(query="original", logit_scale="model"))
     log2c = math.log2(3)
     # sample a, 40 degrees: H / log2 3 = 0.339, inside (0.2, 0.5): positive id 0 and negative id 1
     assert 0.2 < h(40) / log2c < 0.5
@@ -172,7 +172,8 @@ def method_query(method, feature):
 
 
 def test_tda_confident_query_is_the_unnormalised_mean_of_the_sharpest_views():
-    method = TDA(basis_text(5.0), TUNING, TDA.Config())  # query "confident", 20 views -> the 2 sharpest
+    # query "confident", 20 views -> the 2 sharpest
+    method = TDA(basis_text(5.0), TUNING, TDA.Config(logit_scale="model"))
     angles = [40, 30, 10, 44, 5, 35] + [38] * 14
     o = method(views(*[towards(d) for d in angles]))
     stored, [(_, stored_entropy)] = method.positive.features[0, 0], method.positive.entries[0]
@@ -300,7 +301,7 @@ def test_onzeta_unknown_stream_length_uses_the_full_weight():
 
 
 def test_boostadapter_boosts_with_the_sharpest_views_for_one_sample_only():
-    method = BoostAdapter(basis_text(5.0), TUNING, BoostAdapter.Config(query="original"))  # logit scale 5
+    method = BoostAdapter(basis_text(5.0), TUNING, BoostAdapter.Config(query="original", logit_scale="model"))
     f0 = towards(10)  # class 0, H 0.128 (normalised 0.08: out of the negative band)
     sharp2 = towards(5, 2, 1)  # class 2, H 0.098: the sharpest view
     rows = [f0] + [BLURRY] * 19  # BLURRY: H ln 3
@@ -325,7 +326,8 @@ def test_boostadapter_boosts_with_the_sharpest_views_for_one_sample_only():
 
 
 def test_boostadapter_boosting_views_compete_with_history_in_the_copy_only():
-    method = BoostAdapter(basis_text(), TUNING, BoostAdapter.Config(query="original", shot_capacity=1, delta=0))
+    config = BoostAdapter.Config(query="original", shot_capacity=1, delta=0, logit_scale="model")
+    method = BoostAdapter(basis_text(), TUNING, config)
     f0 = towards(30)
     rows = [f0] + [BLURRY] * 19
     rows[4], rows[9] = towards(5), towards(10)
@@ -338,12 +340,37 @@ def test_boostadapter_boosting_views_compete_with_history_in_the_copy_only():
 
 
 def test_boostadapter_negative_cache_is_first_in_first_out():
-    method = BoostAdapter(basis_text(), TUNING, BoostAdapter.Config(query="original"))
+    method = BoostAdapter(basis_text(), TUNING, BoostAdapter.Config(query="original", logit_scale="model"))
     out = [method(views(towards(d))) for d in (40, 44, 42)]  # all in the band; one view: no boosting
     assert [o.appended for o in out] == [[0, 1], [2, 3], [4, 5]]
     assert out[2].deleted == [1]  # the oldest goes, although it had the lowest entropy (TDA would drop id 3)
     assert [i for i, _ in method.snapshot()["negative"][0]] == [3, 5]
     assert all(o.selected == [] for o in out)
+
+
+# ------------------------------------------------------------------------------ TDA, BoostAdapter: logit scale
+
+
+@pytest.mark.parametrize("kind", ["tda", "boostadapter"])
+def test_authors_literal_logit_scale_by_hand(kind):
+    """utils.py's 100 (TDA L74, BoostAdapter L84) against the model's scale (the stub's 5) on one sample at 40
+    degrees: the entropy, the negative cache's gate and the read-out all follow the scale."""
+    x = towards(40)
+    gated = {}
+    for option, scale in (("authors", 100.0), ("model", 5.0)):
+        config = METHODS[kind].Config(query="original", logit_scale=option)
+        o = build_method(kind, basis_text(5.0), TUNING, config)(views(x))  # one view: nothing to boost
+        logits = logits_of(x, scale)
+        probs = softmax(logits)
+        gated[option] = 0.2 < entropy_of(probs) / math.log2(3) < 0.5
+        negative = [0.117 * (0.03 < p < 1.0) * gated[option] for p in probs]  # it reads itself: exp(0) = 1
+        final = [v + (2.0 if c == 0 else 0.0) - n for c, (v, n) in enumerate(zip(logits, negative))]
+        assert o.appended == ([0, 1] if gated[option] else [0])
+        assert o.entropy_before == pytest.approx(entropy_of(probs), rel=1e-4, abs=1e-6)
+        assert o.entropy_after == pytest.approx(entropy_of(softmax(final)), rel=1e-4, abs=1e-6)
+    assert gated == {"authors": False, "model": True}  # sharp at 100, uncertain enough for the negative cache at 5
+    with pytest.raises(ValueError):
+        METHODS[kind].Config(logit_scale="clip")
 
 
 # ------------------------------------------------------------------------------------------ all four: orderings

@@ -55,13 +55,14 @@ def unit(*coords) -> list[float]:
     return [c / norm for c in coords]
 
 
-def hand_weights(rows, k: int, temperature: float, skip=()) -> list[float]:
-    """softmax over views of (mean of the k largest dot products with the other views, minus `skip` pairs) / T."""
+def hand_weights(rows, k: int, temperature: float, skip=(), keep_self=()) -> list[float]:
+    """softmax over views of (mean of the k largest dot products with the other views, minus `skip` pairs, plus the
+    view's own for the views in `keep_self`) / T."""
     scores = []
     for v, row in enumerate(rows):
-        others = sorted((dot(row, other) for u, other in enumerate(rows) if u != v and {u, v} not in skip),
-                        reverse=True)
-        scores.append(sum(others[:k]) / k)
+        neighbours = [dot(row, other) for u, other in enumerate(rows)
+                      if (u != v or v in keep_self) and {u, v} not in skip]
+        scores.append(sum(sorted(neighbours, reverse=True)[:k]) / k)
     return softmax([s / temperature for s in scores])
 
 
@@ -80,24 +81,45 @@ def test_pointwise_entropy_is_the_mean_of_the_views_own_entropies():
 
 def test_reliability_weights_by_hand():
     features = torch.tensor(ROWS)
-    got = reliability_weights(features, neighbours=2, temperature=0.1).tolist()
+    got = reliability_weights(features, neighbours=2, temperature=0.1, self_similarity="always_drop").tolist()
     assert got == pytest.approx(hand_weights(ROWS, 2, 0.1), rel=1e-5)
     assert sum(got) == pytest.approx(1.0)
     # the outlier (view 3, mostly e1) has the lowest weight; more neighbours than views: all the others count
     assert min(range(5), key=got.__getitem__) == 3
-    assert reliability_weights(features, 20, 0.1).tolist() == pytest.approx(hand_weights(ROWS, 4, 0.1), rel=1e-5)
+    assert reliability_weights(features, 20, 0.1, "always_drop").tolist() == pytest.approx(
+        hand_weights(ROWS, 4, 0.1), rel=1e-5)
     assert reliability_weights(features[:1], 20, 0.01).tolist() == [1.0]
 
 
-def test_a_view_is_never_its_own_neighbour_and_duplicates_are_dropped():
-    # features just short of unit norm: the self-similarity 0.998 < 1.0 must still be dropped
+def test_always_drop_never_counts_a_view_as_its_own_neighbour_and_both_rules_drop_duplicates():
+    # features just short of unit norm: the self-similarity 0.998 < 1.0 is dropped all the same
     shrunk = [[0.999 * c for c in row] for row in ROWS]
-    got = reliability_weights(torch.tensor(shrunk), neighbours=2, temperature=0.1).tolist()
-    assert got == pytest.approx(hand_weights(shrunk, 2, 0.1), rel=1e-5)
-    # an exact duplicate (similarity 1.0 >= 1.0): no neighbour of its twin either, as in the authors' rule
+    got = reliability_weights(torch.tensor(shrunk), neighbours=2, temperature=0.1, self_similarity="always_drop")
+    assert got.tolist() == pytest.approx(hand_weights(shrunk, 2, 0.1), rel=1e-5)
+    # the authors' rule keeps every 0.998 as the view's own top neighbour
+    got = reliability_weights(torch.tensor(shrunk), neighbours=2, temperature=0.1, self_similarity="authors")
+    assert got.tolist() == pytest.approx(hand_weights(shrunk, 2, 0.1, keep_self=range(5)), rel=1e-5)
+    # an exact duplicate (similarity 1.0 >= 1.0): no neighbour of its twin either (the authors' rule: below)
     rows = [ROWS[0], ROWS[0], *ROWS[2:]]
-    got = reliability_weights(torch.tensor(rows), neighbours=2, temperature=0.1).tolist()
-    assert got == pytest.approx(hand_weights(rows, 2, 0.1, skip=[{0, 1}]), rel=1e-5)
+    got = reliability_weights(torch.tensor(rows), neighbours=2, temperature=0.1, self_similarity="always_drop")
+    assert got.tolist() == pytest.approx(hand_weights(rows, 2, 0.1, skip=[{0, 1}]), rel=1e-5)
+
+
+def test_authors_rule_keeps_a_self_similarity_that_rounds_below_one():
+    """rtpt.py:39 drops only entries >= 1.0: a unit vector whose squared norm rounds below 1.0 in fp32 stays its own
+    top neighbour; one that rounds to 1.0 does not, nor does its exact duplicate. "always_drop" drops every self."""
+    raw = [(1, 2, 3, 0), (0.2, 1, 0, 0), (1, 0, 0, 0), (1, 0.3, 0, 0), (1, 0.4, 0.4, 0), (1, 0, 0, 0)]
+    features = F.normalize(torch.tensor(raw, dtype=torch.float32), dim=-1)
+    # in fp32, |(1,2,3)/sqrt 14|^2 = 1 - 1.2e-7 and |(1,0.3)/|.||^2 = 1 - 6e-8 (any summation order); the others 1.0
+    assert (features @ features.t()).diagonal().tolist() == [1 - 2 ** -23, 1.0, 1.0, 1 - 2 ** -24, 1.0, 1.0]
+    rows = [unit(*r) for r in raw]
+    authors = reliability_weights(features, neighbours=2, temperature=0.1, self_similarity="authors").tolist()
+    assert authors == pytest.approx(hand_weights(rows, 2, 0.1, skip=[{2, 5}], keep_self=[0, 3]), rel=1e-5)
+    always = reliability_weights(features, neighbours=2, temperature=0.1, self_similarity="always_drop").tolist()
+    assert always == pytest.approx(hand_weights(rows, 2, 0.1, skip=[{2, 5}]), rel=1e-5)
+    assert authors[0] > always[0] and authors[3] > always[3]  # a view that counts itself scores higher
+    with pytest.raises(ValueError):
+        Config(self_similarity="never")
 
 
 def hand_loss(context: torch.Tensor, views: torch.Tensor, keep: list[int]) -> torch.Tensor:
@@ -109,7 +131,7 @@ def hand_loss(context: torch.Tensor, views: torch.Tensor, keep: list[int]) -> to
 
 def test_one_step_and_the_weighted_prediction_by_hand():
     views = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(3)), dim=-1)
-    config = Config(neighbours=3, temperature=0.05)
+    config = Config(neighbours=3, temperature=0.05, self_similarity="always_drop")  # the rule tested above
     method = RTPT(ContextText(), TuningConfig(lr=0.1, confident_ratio=0.34), config)  # 2 confident views
     rows0 = F.normalize(INIT, dim=-1).tolist()
     h = [entropy_of(softmax([SCALE * dot(v, r) for r in rows0])) for v in views.tolist()]

@@ -79,42 +79,6 @@ def test_half_width_shrinks_as_orderings_accumulate():
 # ------------------------------------------------------------------------------------ order against chance
 
 
-def crossed_grid(sd_order, sd_seed, sd_residual, n_orderings=12, n_seeds=6, seed=0):
-    """Accuracies y[o, s] = 0.5 + a_o + b_s + e_os with known components, as flat lists with their labels."""
-    rng = np.random.default_rng(seed)
-    grid = (0.5 + rng.normal(0, sd_order, (n_orderings, 1)) + rng.normal(0, sd_seed, (1, n_seeds))
-            + rng.normal(0, sd_residual, (n_orderings, n_seeds)))
-    orderings = [f"o{o}" for o in range(n_orderings) for _ in range(n_seeds)]
-    seeds = [s for _ in range(n_orderings) for s in range(n_seeds)]
-    return grid, list(grid.ravel()), orderings, seeds
-
-
-def test_a_strong_order_effect_is_found_and_recovered():
-    grid, values, orderings, seeds = crossed_grid(0.05, 0.0, 0.01)
-    vc = st.variance_components(values, orderings, seeds, bootstrap=30, resamples=999)
-    assert vc["verdict"] == "order > chance" and vc["p_value"] < 0.01
-    assert vc["sd_order_ci"][0] <= vc["sd_order"] <= vc["sd_order_ci"][1]
-    assert vc["sd_order"] == pytest.approx(grid.mean(axis=1).std(ddof=1), rel=0.15)  # the truth, to sampling
-    assert vc["sd_order"] > 3 * vc["sd_seed"]
-
-
-def test_no_order_effect_with_a_large_seed_effect_is_chance():
-    """The order has no effect and the seed a large one: the seed's SD is large, the order's near 0, no verdict."""
-    grid, values, orderings, seeds = crossed_grid(0.0, 0.06, 0.01, seed=3)
-    vc = st.variance_components(values, orderings, seeds, bootstrap=30, resamples=999)
-    assert vc["verdict"] == "not distinguishable from chance" and vc["p_value"] > 0.05
-    assert vc["sd_seed"] == pytest.approx(grid.mean(axis=0).std(ddof=1), rel=0.2) and vc["sd_order"] < 0.01
-    assert vc["sd_seed_ci"][0] > vc["sd_order_ci"][1]  # their intervals do not overlap
-
-
-def test_chaos_alone_is_chance():
-    """Every cell scattered, nothing consistent: the residual carries the spread."""
-    _, values, orderings, seeds = crossed_grid(0.0, 0.0, 0.04, seed=5)
-    vc = st.variance_components(values, orderings, seeds, bootstrap=30, resamples=999)
-    assert vc["verdict"] == "not distinguishable from chance"
-    assert vc["sd_residual"] == pytest.approx(0.04, rel=0.3) and vc["sd_order"] < vc["sd_residual"]
-
-
 def test_the_permutation_test_by_hand_on_a_small_grid():
     """3 orderings x 2 seeds: F and its exact permutation p-value, enumerated here."""
     from itertools import permutations
@@ -131,43 +95,14 @@ def test_the_permutation_test_by_hand_on_a_small_grid():
     perms = list(permutations(range(3)))
     stats_all = [f(np.stack([grid[list(p), 0], grid[list(q), 1]], axis=1)) for p in perms for q in perms]
     exact = np.mean([s >= observed * (1 - 1e-9) for s in stats_all])  # 6 of 36: the identity pairing, 6 ways
-    test = st.order_effect_test(grid, resamples=20000, seed=1)
+    test = st.ordering_permutation_test(grid, resamples=20000, seed=1)
     assert test["statistic"] == pytest.approx(observed)
     assert test["p_value"] == pytest.approx(exact, abs=0.01)
-
-
-def test_order_independent_methods_get_the_seed_spread_only():
-    values = [0.50, 0.52, 0.47] * 4  # 4 orderings reordering the same records, 3 seeds
-    orderings = [f"o{o}" for o in range(4) for _ in range(3)]
-    seeds = [0, 1, 2] * 4
-    vc = st.variance_components(values, orderings, seeds, order_independent=True)
-    assert vc["sd_order"] == 0 and vc["verdict"] == "order-independent"
-    assert vc["sd_seed"] == pytest.approx(np.std([0.50, 0.52, 0.47], ddof=1))
-    assert vc["sd_seed_ci"][0] < vc["sd_seed"] < vc["sd_seed_ci"][1]
-
-
-def test_a_method_the_seed_does_not_reach_has_no_control():
-    """OnZeta, ECALP, TCA read only the original view: every seed gives the same records, so the grid's rows are
-    constant and the seed is no perturbation. No test is run; SD(order) is the plain SD over orderings."""
-    by_ordering = [0.36, 0.29, 0.33, 0.35, 0.38, 0.16, 0.18]
-    values = [a for a in by_ordering for _ in range(3)]
-    orderings = [f"o{o}" for o in range(7) for _ in range(3)]
-    vc = st.variance_components(values, orderings, [0, 1, 2] * 7, bootstrap=10, resamples=999)
-    assert vc["verdict"] == "seed has no effect: no control" and vc["p_value"] is None
-    assert vc["sd_order"] == pytest.approx(np.std(by_ordering, ddof=1)) and vc["sd_seed"] == 0
-    assert vc["sd_order_ci"][0] < vc["sd_order"] < vc["sd_order_ci"][1]
 
 
 def test_an_order_effect_without_any_scatter_gets_a_proper_p_value():
     """y = order + seed exactly (no residual): F is the largest float, and the p-value counts the permutations that
     keep it, never 0."""
     grid = np.array([0.1, 0.5, 0.3, 0.7])[:, None] + np.array([0.0, 0.02, 0.05])[None, :]
-    test = st.order_effect_test(grid, resamples=2000, seed=0)
+    test = st.ordering_permutation_test(grid, resamples=2000, seed=0)
     assert np.isfinite(test["statistic"]) and 0 < test["p_value"] < 0.05
-
-
-def test_too_few_cells_and_the_tail():
-    vc = st.variance_components([0.5, 0.6, 0.7, 0.4], ["a", "a", "b", "b"], [0, 1, 0, 1])
-    assert vc["verdict"] == "too few cells" and vc["sd_order"] is None
-    assert st.tail_accuracy([0.9, 0.1, 0.5, 0.7] + [0.8] * 16) == pytest.approx(0.3)  # worst 2 of 20
-    assert st.tail_accuracy([0.6, 0.4]) == 0.4

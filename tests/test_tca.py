@@ -42,7 +42,7 @@ def check_read_out(method, o, feature, entries):
 
 
 def test_tca_pops_the_entry_with_the_largest_entropy_plus_similarity():
-    method = TCA(basis_text(), TUNING, TCA.Config(reservoir_size=2))
+    method = TCA(basis_text(), TUNING, TCA.Config(reservoir_size=2, logit_scale="model"))
     a, b, c = towards(10), towards(12), towards(15, 0, 2)  # a and b nearly alike; c leans towards e2 instead
     o = method(views(a))
     assert (o.appended, o.deleted, o.buffer_size) == ([0], [], 1)
@@ -75,7 +75,7 @@ def test_tca_pops_the_entry_with_the_largest_entropy_plus_similarity():
 
 
 def test_tca_tie_pops_the_first_entry_in_entropy_order():
-    method = TCA(basis_text(), TUNING, TCA.Config(reservoir_size=1))
+    method = TCA(basis_text(), TUNING, TCA.Config(reservoir_size=1, logit_scale="model"))
     method(views(towards(10)))
     # the same image again: equal H, equal similarity; torch.argmax takes the first, the stored entry
     o = method(views(towards(10)))
@@ -87,7 +87,7 @@ def test_tca_tie_pops_the_first_entry_in_entropy_order():
 
 
 def test_tca_reservoir_lists_stay_sorted_by_entropy():
-    method = TCA(basis_text(), TUNING, TCA.Config(reservoir_size=3))
+    method = TCA(basis_text(), TUNING, TCA.Config(reservoir_size=3, logit_scale="model"))
     for degrees in (30, 10, 20):
         method(views(towards(degrees)))
     assert [i for i, _ in method.snapshot()[0]] == [1, 2, 0]
@@ -95,12 +95,39 @@ def test_tca_reservoir_lists_stay_sorted_by_entropy():
 
 
 def test_tca_uses_view_zero_only():
-    method = TCA(basis_text(), TUNING, TCA.Config())
+    method = TCA(basis_text(), TUNING, TCA.Config(logit_scale="model"))
     o = method(views(towards(40), towards(85), towards(85)))
     assert o.entropy_before == pytest.approx(h(40), rel=1e-5)
     assert list(method.snapshot()) == [0]
     with pytest.raises(ValueError):
         TCA.Config(reservoir_size=0)
+
+
+def test_tca_authors_literal_logit_scale_sets_the_entropy_against_the_similarity_by_hand():
+    """utils.py:229's 100 against the model's scale (the stub's 5): at 100 the entropies of these sharp samples are
+    near 0 and the similarity decides which entry pops; at 5 the entropy does."""
+    a, b, c = towards(0), towards(10), towards(30)
+
+    def score(x, others, scale):  # H + mean cosine to the class's other entries
+        return entropy_of(softmax(logits_of(x, scale))) + sum(dot(x, o) for o in others) / len(others)
+
+    popped = {}
+    for option, scale in (("authors", 100.0), ("model", 5.0)):
+        method = TCA(basis_text(5.0), TUNING, TCA.Config(reservoir_size=2, logit_scale=option))
+        first = method(views(a))
+        final = logits_of(a, scale)
+        final[0] += 3.0  # it reads itself: lambd * exp(0)
+        assert first.entropy_before == pytest.approx(entropy_of(softmax(logits_of(a, scale))), rel=1e-4, abs=1e-6)
+        assert first.entropy_after == pytest.approx(entropy_of(softmax(final)), rel=1e-3, abs=1e-6)
+        method(views(b))
+        third = method(views(c))
+        scores = [score(a, [b, c], scale), score(b, [a, c], scale), score(c, [a, b], scale)]
+        popped[option] = max(range(3), key=scores.__getitem__)
+        kept_newcomer = popped[option] != 2
+        assert (third.appended, third.deleted) == (([2], [popped[option]]) if kept_newcomer else ([], []))
+    assert popped == {"authors": 1, "model": 2}
+    with pytest.raises(ValueError):
+        TCA.Config(logit_scale="clip")
 
 
 # ---------------------------------------------------------------------------------- orderings, state, records

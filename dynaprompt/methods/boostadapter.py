@@ -4,6 +4,10 @@ Read from the authors' code, taolinzhang/BoostAdapter @ 9983e1a (code commits 2b
 MIT). It is a fork of TDA: the classifier, the query, the entropy normalisation and the read-out are TDA's
 (see `tda.py`, whose helpers are used here). What BoostAdapter changes:
 
+- Logit scale: the authors write the literal 100 (`utils.py:84` in `get_clip_logits`,
+  `clip_logits = 100. * image_features @ clip_weights`), as TDA does. The same logits rank the query views and
+  the boosting views (`ori_output`). `Config.logit_scale` "authors" (the default) uses the literal, "model" the
+  model's own `logit_scale`; they are equal on OpenAI CLIP.
 - Query (`utils.py:get_clip_logits`, flag `infer_ori_image`), chosen by `Config.query`:
   - "confident", the ImageNet-A/V/R/S branch, as in TDA: the unnormalised mean feature of the int(0.1*n_views)
     lowest-entropy views, their mean logits, and the entropy of their mean softmax.
@@ -36,7 +40,8 @@ The paper could not be read; the choices above are the code's:
 
 tta-vlm (online_method/boostadapter.py) uses view 0 as the query on every set; that is `query="original"`.
 It also boosts on ImageNet (delta 1) and uses the entropy -sum p log(p + 1e-5). Here the authors' exact
-entropy is used. fp32 throughout; the authors use fp16 CLIP and fp16 cache values.
+entropy is used. Its logits use the model's `logit_scale` (L101-102), `logit_scale: model` here. fp32
+throughout; the authors use fp16 CLIP and fp16 cache values.
 
 Records:
 - `appended`/`deleted`: ids of the persistent entries, historical and negative. The ids come from one counter,
@@ -59,7 +64,9 @@ from ..objectives import TuningConfig, entropy
 from ..records import Outcome
 from ..text import PromptTextEncoder
 from .tda import QUERIES, ClassCache, Query, class_logits, negative_mask, normalised_entropy, represent
-from .zero_shot import classifier
+from .zero_shot import LOGIT_SCALES, chosen_logit_scale, classifier
+
+AUTHORS_LOGIT_SCALE = 100.0  # utils.py:84 (get_clip_logits) `clip_logits = 100. * image_features @ clip_weights`
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,13 @@ class Config:
     neg_entropy_upper: float = 0.5  # (configs/*.yaml entropy_threshold.upper)
     neg_mask_lower: float = 0.03  # (configs/*.yaml mask_threshold.lower)
     neg_mask_upper: float = 1.0  # (configs/*.yaml mask_threshold.upper)
+    logit_scale: str = "authors"  # authors: utils.py:84's literal 100 (AUTHORS_LOGIT_SCALE) | model: the model's own
 
     def __post_init__(self):
         if self.query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}")
+        if self.logit_scale not in LOGIT_SCALES:
+            raise ValueError(f"logit_scale must be one of {LOGIT_SCALES}, got {self.logit_scale!r}")
         if self.shot_capacity < 1 or self.neg_shot_capacity < 1 or self.delta < 0:
             raise ValueError("cache capacities must be >= 1 and delta >= 0")
 
@@ -128,7 +138,7 @@ class BoostAdapter:
     def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config, templates=None):
         self.config = config
         self.text_features = classifier(text, templates)[0].float()
-        self.scale = text.logit_scale().detach().float()
+        self.scale = chosen_logit_scale(text, config.logit_scale, AUTHORS_LOGIT_SCALE, self.text_features.device)
         self.reset()
 
     @property

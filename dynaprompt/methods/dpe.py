@@ -9,8 +9,13 @@ one sample:
 - Text classifier (`utils.py:clip_classifier`): the normalised mean of each class's normalised embeddings of
   the dataset's templates *and* its CuPL GPT-3 descriptions (`gpt3_prompts/*.json`). Here it is
   `zero_shot.classifier(text, templates)`. CuPL's descriptions are not shipped; add them as a template set
-  under `templates:` to match the published numbers. The scale is the model's `logit_scale` (the authors write
-  100, which is OpenAI CLIP's).
+  under `templates:` to match the published numbers.
+- Logit scale: the authors write the literal 100 (`utils.py:146` in `get_clip_logits`,
+  `clip_logits = 100. * image_features @ clip_weights`), not the model's `logit_scale`; every logit below is
+  scaled by it. `Config.logit_scale` "authors" (the default) uses the literal, "model" the model's own scale.
+  They are equal on OpenAI CLIP. On a model with another scale (the bundled one: about 15) the literal changes the
+  confident views, the cache's entropies, the balance of the clip logits against the cache read-out (and of the
+  entropy term against InfoNCE, whose temperature is its own) in the step, and the evolution gate.
 - State carried from sample to sample: the global textual prototypes T_g [C, E] (`clip_weights_global`,
   T at the start) with their update count n, and the positive cache.
 - 1. Query (`utils.py:get_clip_logits`, called with W = normalise(T_g + r_T) and r_T = 0), by `Config.query`:
@@ -63,6 +68,8 @@ Paper, code and tta-vlm:
      are crop + flip without AugMix; the authors' are AugMix.
   5. Its SUN397 align weight is 0.0002; the authors' configs/sun397.yaml has 0.2.
   6. It takes its classifier from a single prompt, without templates or CuPL.
+  7. Its query and step use the model's `logit_scale`, its read-out the literal 100 (online_method/dpe.py L163-165,
+     L215, L223); the authors use 100 in both.
 - The number of confident views is `objectives.n_confident` = floor(0.1 * n_views), at least 1. That is the
   authors' int(0.1 * n_views) from 10 views on; below 10 views their code would average an empty selection.
   The ranking is a stable sort, where the authors' argsort leaves ties unspecified.
@@ -100,9 +107,10 @@ from ..objectives import TuningConfig, entropy, marginal_entropy
 from ..records import Outcome
 from ..text import PromptTextEncoder
 from .tda import class_logits, confident_views
-from .zero_shot import classifier
+from .zero_shot import LOGIT_SCALES, chosen_logit_scale, classifier
 
 QUERIES = ("confident", "original")
+AUTHORS_LOGIT_SCALE = 100.0  # utils.py:146 (get_clip_logits) `clip_logits = 100. * image_features @ clip_weights`
 
 
 @dataclass(frozen=True)
@@ -124,11 +132,12 @@ class Config:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults, which run_test_dpe keeps
     steps: int = 1  # main_dpe.py:run_test_dpe, `steps = 1 # Update step, set to 1 in default`
     evolve_threshold: float = 0.1  # run_test_dpe: T_g averages W' in when H(final) / log2(C) < 0.1
+    logit_scale: str = "authors"  # authors: utils.py:146's literal 100 (AUTHORS_LOGIT_SCALE) | model: the model's own
 
     def __post_init__(self):
-        for name in ("query", "inference_query"):
-            if getattr(self, name) not in QUERIES:
-                raise ValueError(f"{name} must be one of {QUERIES}, got {getattr(self, name)!r}")
+        for name, allowed in (("query", QUERIES), ("inference_query", QUERIES), ("logit_scale", LOGIT_SCALES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.shot_capacity < 1 or self.steps < 1:
             raise ValueError("shot_capacity and steps must be >= 1")
         if self.align_temperature <= 0:
@@ -169,7 +178,7 @@ class DPE:
     def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config, templates=None):
         self.config = config
         self.text_features = classifier(text, templates)[0].float()
-        self.scale = text.logit_scale().detach().float()
+        self.scale = chosen_logit_scale(text, config.logit_scale, AUTHORS_LOGIT_SCALE, self.text_features.device)
         self.reset()
 
     @property

@@ -55,6 +55,12 @@ Paper, code and tta-vlm:
 - tta-vlm (TomSheng21/tta-vlm @ bcc735f, online_method/ecalp.py + ecalp_utils.py) runs the authors' functions
   unchanged, apart from casting the similarities to fp32. It feeds view 0 of each sample and the model's
   single-prompt text features. Nothing to choose between.
+- The text edge weight is the *signed* raw dot product x . T_c, raised to gamma = 10 with the rest. On OpenAI
+  CLIP, image-text cosines are about 0.2-0.35 and positive, so the weights rank as the dot products do. Where a
+  node's top-3 text edges include negative dot products, the even power can make the most negative one its
+  heaviest edge, and the node seeds a class other than its zero-shot top-1. This is the authors' algorithm, kept
+  as is (issue 27: on the bundled model's pixelate-5 the authors' code gives the same 300 of 300 predictions).
+  `diagnostics.ecalp_text_edges` measures it per stream.
 - fp32 throughout, as tta-vlm. torch.topk breaks ties as the authors' call does, but on the device at hand.
   The new node and its query copy always tie, so a row near its k-th neighbour may keep either; on the same
   device the choice is reproducible.
@@ -112,6 +118,13 @@ class Config:
             raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
         if self.k_image < 1 or self.k_text < 1 or self.iterations < 1:
             raise ValueError("k_image, k_text and iterations must be >= 1")
+
+
+def node_feature(view_features: torch.Tensor, view: str) -> torch.Tensor:
+    """x_i from a sample's views [..., V, E]: view 0 ("original") or their unnormalised mean ("mean")."""
+    if view == "original":
+        return view_features[..., 0, :].float()
+    return view_features.float().mean(-2)
 
 
 def store_width(n_old: int, k: int) -> int:
@@ -190,11 +203,6 @@ class ECALP:
             getattr(self, name)[:n_nodes] = state[name]
         self.n_nodes, self.width, self.scores = n_nodes, int(state["width"]), None
 
-    def node_feature(self, view_features: torch.Tensor) -> torch.Tensor:
-        if self.config.view == "original":
-            return view_features[0].float()
-        return view_features.float().mean(0)
-
     def extend(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new node and its query copy; the image-image edges (similarities, neighbours) of all N rows."""
         config, old = self.config, self.n_nodes
@@ -256,7 +264,7 @@ class ECALP:
         config, old = self.config, self.n_nodes
         if old + 2 > self.capacity:  # a stream longer than announced: double the room
             self.allocate(max(2 * self.capacity, old + 2))
-        feature = self.node_feature(view_features)
+        feature = node_feature(view_features, config.view)
         before = entropy(self.scale * self.text_features @ feature)
         k_text = min(config.k_text, self.n_classes)
         self.text_sim[old:old + 2], self.text_knn[old:old + 2] = (self.text_features @ feature).topk(k_text)

@@ -21,9 +21,14 @@ fresh optimiser, so a prediction ignores the samples before it.
 - Loss (`entropy_avg`): the MEAN over those views of each view's own entropy, the "pointwise entropy". This is not
   TPT's entropy of the mean softmax: the paper drops the marginal term that adversarial views set against it.
 - Prediction, reliability-based weighted ensembling (`test_time_adapt_eval`, `get_top_sim`):
-  - S = F F^T is the cosine similarity of the unit-norm image features of all views (`forward_features`).
-  - Entries S >= 1.0 are set to -inf, so they never count as neighbours.
-  - A view's score is the mean of its k = 20 largest remaining similarities.
+  - S = F F^T is the cosine similarity of the unit-norm image features of all views (`forward_features`,
+    `rtpt.py:251`, a bmm in fp32: the model is fp32 and nothing runs under autocast).
+  - Entries S >= 1.0 are set to -inf, so they never count as neighbours (`rtpt.py:39`,
+    `sim_matrix[sim_matrix>=1.0] = float('-inf')`). That is the only rule: there is no diagonal mask. A view's
+    similarity to itself is its squared norm as rounded in that precision, which lands just below, at or just above
+    1.0. So the authors drop it for some views and keep it (as the view's own top neighbour) for others: in fp32,
+    22-32 of 64 views keep it.
+  - A view's score is the mean of its k = 20 largest remaining similarities (`rtpt.py:40-41`).
   - The view weights are w = softmax(score / 0.01).
   - The output is sum_v w_v * logits_v, where logits_v are the tuned prompt's logits on view v; the prediction
     is its argmax.
@@ -35,10 +40,17 @@ fresh optimiser, so a prediction ignores the samples before it.
 Paper, code and tta-vlm:
 - The paper's text could not be read here, only its abstract: pointwise entropy minimisation and a
   "reliability-based weighted ensembling" of the augmented views. The rules and constants above are the code's.
-- Self-similarity: the S >= 1.0 rule is meant to drop each view's similarity to itself (a view is no neighbour
-  of itself). In floating point a unit vector's self-similarity lands just below, at, or just above 1.0, so the
-  authors' code drops it for some views and keeps it for others. Here the diagonal is always dropped, together
-  with any other entry >= 1.0 (an exact duplicate view), as the authors' rule intends.
+- Self-similarity, `Config.self_similarity`:
+  - "authors" (the default) is `rtpt.py:39` as it computes: drop every entry >= 1.0, the diagonal included only
+    where it reaches 1.0. S is computed here in fp32 from the run's view features, as the authors compute it from
+    theirs. The cached features are unit vectors rounded to the cache's storage dtype (fp16 by default), so which
+    views keep themselves follows that rounding, as it follows fp32's in the authors' run.
+  - "always_drop" reads the rule as meant to say "a view is no neighbour of itself": the diagonal is always
+    dropped, together with any other entry >= 1.0 (an exact duplicate view).
+  - The two differ only in the weights, never in the step. Against the authors' code (issue 27's differential
+    check: ViT-B/16, random weights) "always_drop" differed on 6 of 6 images and the authors' rule agreed on 6 of
+    6. Here, on the bundled model's cached features, the weights equal those of `get_top_sim` run as written, bit
+    for bit (600 of 600 samples); the two rules change 2-11 of 300 predictions per stream (shuffle-0).
 - Fewer than 21 views: the authors' `topk(20)` needs 20 columns. Here k is min(20, n_views - 1). A single view
   has weight 1. A view with fewer than k neighbours left after the >= 1.0 rule scores -inf (weight 0), as it
   would in the authors' code.
@@ -71,6 +83,9 @@ from ..objectives import (
 from ..records import Outcome
 from ..text import PromptTextEncoder
 
+SELF_SIMILARITIES = ("authors", "always_drop")
+NO_NEIGHBOUR = 1.0  # rtpt.py:39 (get_top_sim) `sim_matrix[sim_matrix>=1.0] = float('-inf')`
+
 
 @dataclass(frozen=True)
 class Config:
@@ -78,11 +93,13 @@ class Config:
 
     neighbours: int = 20  # rtpt.py:get_top_sim, `k = 20 # use 20 neighbor`
     temperature: float = 0.01  # rtpt.py:test_time_adapt_eval, softmax(score / 0.01)
-    self_similarity: float = 1.0  # rtpt.py:get_top_sim, similarities >= 1.0 are no neighbours (plus the diagonal)
+    self_similarity: str = "authors"  # authors: rtpt.py:39, only entries >= 1.0 go | always_drop: the diagonal too
 
     def __post_init__(self):
         if self.neighbours < 1 or self.temperature <= 0:
             raise ValueError("neighbours must be >= 1 and temperature > 0")
+        if self.self_similarity not in SELF_SIMILARITIES:
+            raise ValueError(f"self_similarity must be one of {SELF_SIMILARITIES}, got {self.self_similarity!r}")
 
 
 def pointwise_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -91,16 +108,19 @@ def pointwise_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def reliability_weights(view_features: torch.Tensor, neighbours: int, temperature: float,
-                        self_similarity: float = 1.0) -> torch.Tensor:
-    """softmax(mean of each view's top-k cosine similarities to the other views / temperature) -> [V]."""
+                        self_similarity: str = "authors") -> torch.Tensor:
+    """softmax(mean of each view's top-k similarities / temperature) -> [V], over the entries below 1.0 in fp32
+    ("authors": a view's own entry counts where it rounds below 1.0) or over the other views ("always_drop")."""
     features = view_features.float()
     n_views = features.shape[0]
     k = min(neighbours, n_views - 1)
     if k < 1:
         return features.new_ones(n_views)
     similarity = features @ features.t()
-    itself = torch.eye(n_views, dtype=torch.bool, device=features.device)
-    similarity = similarity.masked_fill(itself | (similarity >= self_similarity), float("-inf"))
+    dropped = similarity >= NO_NEIGHBOUR
+    if self_similarity == "always_drop":
+        dropped |= torch.eye(n_views, dtype=torch.bool, device=features.device)
+    similarity = similarity.masked_fill(dropped, float("-inf"))
     score = similarity.topk(k, dim=-1).values.mean(-1)
     return torch.softmax(score / temperature, dim=-1)
 

@@ -15,6 +15,10 @@ TCA has two halves, and only the second can run from the pipeline's cached view 
   - Query (`utils.py:get_clip_logits`). The authors' loaders give one CLIP-preprocessed image on every set,
     so only view 0 is used. clip_logits = scale * f . T; the pseudo-label is their argmax. H is their softmax
     entropy in nats, *not* normalised (the normalised value is computed and discarded).
+  - Logit scale: the authors write the literal 100 (`utils.py:229` in `get_clip_logits`,
+    `clip_logits = 100. * image_features @ clip_weights`). `Config.logit_scale` "authors" (the default) uses it,
+    "model" the model's own `logit_scale`; they are equal on OpenAI CLIP. The scale sets H, and so which entry
+    the reservoir pops, and the balance of clip_logits against the reservoir read-out.
   - Text classifier (`utils.py:clip_classifier`): the normalised mean of normalised template embeddings.
     The authors use CLIP's per-dataset prompt lists (80 on the ImageNet family). Here it is
     `zero_shot.classifier(text, templates)`.
@@ -74,7 +78,9 @@ import torch.nn.functional as F
 from ..objectives import TuningConfig, entropy
 from ..records import Outcome
 from ..text import PromptTextEncoder
-from .zero_shot import classifier
+from .zero_shot import LOGIT_SCALES, chosen_logit_scale, classifier
+
+AUTHORS_LOGIT_SCALE = 100.0  # utils.py:229 (get_clip_logits) `clip_logits = 100. * image_features @ clip_weights`
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,13 @@ class Config:
     reservoir_size: int = 3  # entries per class (configs/imagenet_a.yaml reservoir_size)
     lambd: float = 3.0  # reservoir weight (configs/imagenet_a.yaml lambd)
     beta: float = 5.0  # reservoir sharpness, exp(-(beta - beta * a)) (configs/imagenet_a.yaml beta)
+    logit_scale: str = "authors"  # authors: utils.py:229's literal 100 (AUTHORS_LOGIT_SCALE) | model: the model's own
 
     def __post_init__(self):
         if self.reservoir_size < 1:
             raise ValueError("reservoir_size must be >= 1")
+        if self.logit_scale not in LOGIT_SCALES:
+            raise ValueError(f"logit_scale must be one of {LOGIT_SCALES}, got {self.logit_scale!r}")
 
 
 def diversity(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -111,7 +120,7 @@ class TCA:
     def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config, templates=None):
         self.config = config
         self.text_features = classifier(text, templates)[0].float()
-        self.scale = text.logit_scale().detach().float()
+        self.scale = chosen_logit_scale(text, config.logit_scale, AUTHORS_LOGIT_SCALE, self.text_features.device)
         self.reset()
 
     @property

@@ -3,8 +3,12 @@
 Read from the authors' code, kdiAAA/TDA @ e697fb0 (MIT); the method is unchanged since d4b04d3:
 
 - Text classifier: `utils.py:clip_classifier`, the normalised mean of each class's normalised template
-  embeddings. Here that is `zero_shot.classifier(text, templates)`. The scale is the model's own
-  `logit_scale` (the authors hard-code 100, which is the same on OpenAI CLIP).
+  embeddings. Here that is `zero_shot.classifier(text, templates)`.
+- Logit scale: the authors write the literal 100 (`utils.py:74` in `get_clip_logits`,
+  `clip_logits = 100. * image_features @ clip_weights`), not the model's `logit_scale`. `Config.logit_scale`
+  "authors" (the default) uses that literal, "model" the model's own scale. They are equal on OpenAI CLIP; on a
+  model with another scale the literal changes every entropy (the confident views, the cache ranking, the
+  negative gate) and the balance of clip_logits against the cache read-outs.
 - Query (`utils.py:get_clip_logits`), chosen by `Config.query`:
   - "confident", the authors' ImageNet-A/V/R/S branch. Take the int(0.1*n_views) lowest-entropy views; the
     original view competes like any other. Their query feature is the *unnormalised* mean of their features,
@@ -39,7 +43,8 @@ Paper, code and tta-vlm:
   (0.289, 0.721)).
 - tta-vlm (TomSheng21/tta-vlm, online_method/tda.py) uses view 0 on every set and the entropy
   -sum p log(p + 1e-5). Here the exact log-softmax entropy of the authors is used, and `query` picks the view
-  rule ("original" is also tta-vlm's rule).
+  rule ("original" is also tta-vlm's rule). Its logits use the model's `logit_scale` (L85-86), not the authors'
+  literal 100: that is `logit_scale: model`.
 - The number of confident views is `objectives.n_confident` = floor(0.1 * n_views), at least 1. With at
   least 10 views this equals the authors' int(0.1 * n_views); with fewer views the authors' own code would
   average an empty selection.
@@ -71,9 +76,10 @@ import torch
 from ..objectives import TuningConfig, entropy, marginal_entropy, n_confident
 from ..records import Outcome
 from ..text import PromptTextEncoder
-from .zero_shot import classifier
+from .zero_shot import LOGIT_SCALES, chosen_logit_scale, classifier
 
 QUERIES = ("confident", "original")
+AUTHORS_LOGIT_SCALE = 100.0  # utils.py:74 (get_clip_logits) `clip_logits = 100. * image_features @ clip_weights`
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,13 @@ class Config:
     neg_entropy_upper: float = 0.5  # (configs/*.yaml entropy_threshold.upper)
     neg_mask_lower: float = 0.03  # a class is negative if lower < p < upper (configs/*.yaml mask_threshold.lower)
     neg_mask_upper: float = 1.0  # (configs/*.yaml mask_threshold.upper)
+    logit_scale: str = "authors"  # authors: utils.py:74's literal 100 (AUTHORS_LOGIT_SCALE) | model: the model's own
 
     def __post_init__(self):
         if self.query not in QUERIES:
             raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}")
+        if self.logit_scale not in LOGIT_SCALES:
+            raise ValueError(f"logit_scale must be one of {LOGIT_SCALES}, got {self.logit_scale!r}")
         if self.shot_capacity < 1 or self.neg_shot_capacity < 1:
             raise ValueError("cache capacities must be >= 1")
 
@@ -256,7 +265,7 @@ class TDA:
     def __init__(self, text: PromptTextEncoder, tuning: TuningConfig, config: Config, templates=None):
         self.config = config
         self.text_features = classifier(text, templates)[0].float()
-        self.scale = text.logit_scale().detach().float()
+        self.scale = chosen_logit_scale(text, config.logit_scale, AUTHORS_LOGIT_SCALE, self.text_features.device)
         self.reset()
 
     @property

@@ -44,6 +44,21 @@ class ZeroShot:
         return Outcome(pred=int(logits.argmax()), entropy_before=uncertainty, entropy_after=uncertainty)
 
 
+LOGIT_SCALES = ("authors", "model")  # a method's `logit_scale` option, where its authors write a literal
+
+
+def chosen_logit_scale(text: PromptTextEncoder, choice: str, authors_value: float, device) -> torch.Tensor:
+    """The authors' literal logit scale ("authors") or the model's own ("model"), as a float32 scalar.
+
+    The two agree on OpenAI CLIP (100); on a model with another learnt scale (the bundled one) they do not.
+    """
+    if choice not in LOGIT_SCALES:
+        raise ValueError(f"logit_scale must be one of {LOGIT_SCALES}, got {choice!r}")
+    if choice == "model":
+        return text.logit_scale().detach().float().to(device)
+    return torch.tensor(authors_value, dtype=torch.float32, device=device)
+
+
 _TEMPLATE_CLASSIFIERS = weakref.WeakKeyDictionary()  # model -> {(class names, templates): features}
 
 

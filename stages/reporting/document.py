@@ -10,16 +10,15 @@ from pathlib import Path
 import pandas as pd
 
 FIGURES = {  # file -> what the figure shows (its alt text and caption)
-    "accuracy_per_block.png": "Accuracy per block along the stream: line = mean over orderings, band = min-max.",
-    "accuracy_by_ordering_kind.png": "Accuracy per ordering kind, a row per dataset: bars are means over the "
-                                     "orderings of a kind, dots single orderings.",
-    "order_vs_chance.png": "Per dataset and method, the spread of accuracy the order causes (SD between "
-                           "orderings) next to the spread drawing other samples would cause (binomial SE within a "
-                           "run).",
-    "order_vs_seed.png": "Per method and stream: SD of accuracy due to the ordering against SD due to the "
-                         "augmentation seed (95% intervals); above the diagonal, the order moves accuracy more than "
-                         "the seed does. Hollow markers: methods that read only the original view, which the seed "
-                         "does not reach (no control).",
+    "kind_contrasts.png": "Forest plot: per stream, each order-dependent method's accuracy on every kind of stream "
+                          "minus its accuracy on the i.i.d. stream, in points, with the 95% interval; filled markers "
+                          "pass the adjusted test; the grey band is the equivalence margin.",
+    "accuracy_per_block.png": "Accuracy per block along the stream, a panel per stream and kind: line = mean over "
+                              "the kind's orderings and seeds, band = min-max.",
+    "chaos_against_order.png": "Per stream and order-dependent method: the SD between orderings within each kind "
+                               "(coloured, 95% interval) next to the SD between replicates of one run under a "
+                               "last-bit perturbation alone (black diamond): where they match, the method is "
+                               "chaotic.",
     "buffer_dynamics.png": "Memory over the stream, a row per method that keeps one: its size (DynaPrompt: "
                            "prompts in the buffer; TDA, TCA, DPE: cache entries; BoostAdapter: historical and "
                            "negative cache entries; DMN: memory slots; ECALP: graph nodes) with cumulative appends "
@@ -31,23 +30,28 @@ FIGURES = {  # file -> what the figure shows (its alt text and caption)
                                 "t-interval).",
     "ablation_margins.png": "DynaPrompt's accuracy over the grid of selection margins (tau_h, tau_d), mean over "
                             "orderings.",
-    "evidence.png": "Half-width of the 95% interval of mean accuracy against the number of orderings it rests on.",
+    "evidence.png": "Half-width of the 95% interval of a kind's mean accuracy against the number of its orderings, a "
+                    "line per stream, method and kind.",
 }
 
 
 def pct(value, digits: int = 1) -> str:
     """A fraction as percentage points; a dash where unknown."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if unknown(value):
         return "–"
     return f"{100 * value:.{digits}f}"
 
 
+def unknown(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def signed(value) -> str:
-    return "–" if value is None else f"{100 * value:+.1f}"
+    return "–" if unknown(value) else f"{100 * value:+.1f}"
 
 
 def interval(bounds) -> str:
-    if not bounds or bounds[0] is None:
+    if not bounds or unknown(bounds[0]) or unknown(bounds[1]):
         return "–"
     return f"[{signed(bounds[0])}, {signed(bounds[1])}]"
 

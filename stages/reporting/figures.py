@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
 
-KIND_ORDER = ["natural", "shuffle", "class_blocked", "cyclic"]  # ordering kinds, left to right
 PAGE_WIDTH = 10.5  # inches: 1155 px at dpi 110, the page's column at 1280 px (no upscaling)
 MIN_FONT = 9.0  # points, the smallest text any figure draws
 FONT = 10.0  # axis labels and titles
@@ -97,13 +97,16 @@ def block_matrix(rows: pd.DataFrame) -> np.ndarray:
     return matrix
 
 
-def accuracy_per_block(runs: pd.DataFrame, datasets: list[str], methods: list[str], target: Path, dpi: int) -> None:
-    """One panel per dataset: mean block accuracy per method with its min–max band across orderings."""
+def accuracy_per_block(runs: pd.DataFrame, panels: list[tuple[str, str, str]], methods: list[str], target: Path,
+                       dpi: int) -> None:
+    """One panel per (stream, kind): mean block accuracy per method over the kind's orderings and seeds, with its
+    min–max band. `panels`: (stream, family, title) in the report's order."""
     colors = method_colors(methods)
-    figure, axes = panel_grid(len(datasets))
-    for ax, dataset in zip(axes, datasets):
+    figure, axes = panel_grid(len(panels))
+    for ax, (stream, family, title) in zip(axes, panels):
+        here = runs[(runs["dataset"] == stream) & (runs["ordering_family"] == family)]
         for method in methods:
-            rows = runs[(runs["dataset"] == dataset) & (runs["method"] == method)]
+            rows = here[here["method"] == method]
             if rows.empty:
                 continue
             matrix = block_matrix(rows)
@@ -114,14 +117,15 @@ def accuracy_per_block(runs: pd.DataFrame, datasets: list[str], methods: list[st
                     label=method)
             if len(rows) > 1:
                 ax.fill_between(x, 100 * np.nanmin(matrix, axis=0), 100 * np.nanmax(matrix, axis=0),
-                                color=colors[method], alpha=0.18, linewidth=0)
-        ax.set_title(dataset, fontsize=FONT)
+                                color=colors[method], alpha=0.12, linewidth=0)
+        ax.set_title(title, fontsize=FONT)
         ax.set_xlabel("position in stream (block centre)")
         ax.set_ylabel("block accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         apply_font(ax)
-    legend_and_title(figure, axes, "Accuracy per block (line: mean over orderings; band: min–max)")
+    legend_and_title(figure, axes, "Accuracy per block, per kind of stream (line: mean over the kind's orderings "
+                                   "and seeds; band: min–max)")
     save(figure, target, dpi)
 
 
@@ -136,55 +140,6 @@ def legend_and_title(figure: Figure, axes, title: str, extra: list | None = None
         handles.setdefault(handle.get_label(), handle)
     figure.legend(handles.values(), handles.keys(), loc="outside upper center", fontsize=MIN_FONT,
                   ncol=legend_columns(handles.keys()), frameon=False, title=title, title_fontsize=FONT)
-
-
-def kind_accuracies(rows: pd.DataFrame, kinds: list[str], order_independent: bool) -> dict:
-    """Accuracies per ordering kind; an order-independent method's value stands for every kind it missed."""
-    out = {k: rows.loc[rows["ordering_kind"] == k, "accuracy"].to_numpy(dtype=float) for k in kinds}
-    if order_independent:
-        fill = rows["accuracy"].to_numpy(dtype=float)
-        out = {k: v if len(v) else np.array([fill.mean()]) for k, v in out.items()}
-    return out
-
-
-def accuracy_by_ordering_kind(runs: pd.DataFrame, datasets: list[str], methods: list[str], order_independent: set,
-                              target: Path, dpi: int) -> None:
-    """One row per dataset, the methods along it (the same slots in every row): a bar per ordering kind (mean),
-    dots for single orderings; method names under the last row."""
-    present = set(runs["ordering_kind"])
-    kinds = [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
-    shades = {k: f"C{i}" for i, k in enumerate(kinds)}
-    names = [m for m in methods if m in set(runs.loc[runs["dataset"].isin(datasets), "method"])]
-    label_depth = 0.55 * MIN_FONT / 72 * max((len(m) for m in names), default=1) * math.sin(math.radians(45))
-    figure = new_figure(PAGE_WIDTH, 2.3 * len(datasets) + label_depth + 1.0)
-    axes = figure.subplots(max(len(datasets), 1), 1, sharex=True, squeeze=False).ravel()
-    for ax, dataset in zip(axes, datasets):
-        here = runs[runs["dataset"] == dataset]
-        dataset_kinds = [k for k in kinds if k in set(here["ordering_kind"])]
-        width = 0.8 / max(len(dataset_kinds), 1)
-        for i, method in enumerate(names):
-            rows = here[here["method"] == method]
-            if rows.empty:
-                continue
-            values = kind_accuracies(rows, dataset_kinds, method in order_independent)
-            for j, kind in enumerate(dataset_kinds):
-                if not len(values[kind]):
-                    continue
-                x = i - 0.4 + width * (j + 0.5)
-                ax.bar(x, 100 * values[kind].mean(), width * 0.9, color=shades[kind], alpha=0.75, label=kind)
-                ax.plot(np.full(len(values[kind]), x), 100 * values[kind], "k.", ms=4)
-        ax.set_title(dataset, fontsize=FONT, loc="left")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(axis="y", alpha=0.3)
-        apply_font(ax)
-    axes[-1].set_xlim(-0.6, len(names) - 0.4)  # a lone method keeps a normal bar width
-    axes[-1].set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor",
-                        fontsize=MIN_FONT)
-    legend_and_title(figure, axes, "Accuracy by ordering kind (bar: mean over the orderings of a kind; dots: "
-                                   "single orderings)", [Line2D([], [], color="k", marker=".", ls="none",
-                                                                label="one ordering")])
-    save(figure, target, dpi)
 
 
 def domain_switches(records: pd.DataFrame) -> list[tuple[int, str]]:
@@ -332,94 +287,113 @@ def margins_heatmap(rows: list[dict], target: Path, dpi: int) -> None:
     save(figure, target, dpi)
 
 
-def order_vs_chance(rows: list[dict], target: Path, dpi: int) -> None:
-    """Per dataset (a row each) and method: the spread the order causes against the spread sampling alone would
-    cause; a star where Cochran's Q has p < 0.05."""
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows)) or [""]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    label_depth = 0.55 * MIN_FONT / 72 * max((len(m) for m in methods), default=1) * math.sin(math.radians(45))
-    figure = new_figure(PAGE_WIDTH, 2.2 * len(datasets) + label_depth + 1.0)
-    axes = figure.subplots(len(datasets), 1, sharex=True, squeeze=False).ravel()
-    for ax, dataset in zip(axes, datasets):
-        for r in (r for r in rows if r["dataset"] == dataset):
-            i = methods.index(r["method"])
-            between = 100 * (r["between_sd"] or 0)
-            ax.bar(i - 0.2, between, 0.4, color="C0", label="between orderings (SD)")
-            ax.bar(i + 0.2, 100 * r["within_se"], 0.4, color="C1", label="within a run (binomial SE)")
-            if r["p_value"] is not None and r["p_value"] < 0.05:
-                ax.annotate("*", (i - 0.2, between), ha="center", va="bottom", fontsize=FONT,
-                            annotation_clip=False)
-        ax.set_title(dataset, fontsize=FONT, loc="left")
-        ax.set_ylabel("accuracy points")
-        ax.margins(y=0.15)
+def kind_colors(labels: list[str]) -> dict:
+    """One colour per kind, the same in every figure."""
+    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
+def method_rows(rows: list[dict], stream: str) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows if r["stream"] == stream))
+
+
+def kind_contrasts(rows: list[dict], margin: float, alpha: float, target: Path, dpi: int) -> None:
+    """The forest plot: per stream (a panel each), each order-dependent method's contrast of every kind against
+    the i.i.d. kind with its interval; filled where the adjusted p < alpha; the band is the equivalence margin."""
+    streams = list(dict.fromkeys(r["stream"] for r in rows)) or [""]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colors = kind_colors(labels)
+    heights = [0.3 * max(len(method_rows(rows, s)), 1) * max(len(labels), 1) ** 0.5 + 0.8 for s in streams]
+    figure = new_figure(PAGE_WIDTH, sum(heights) + 1.2)
+    axes = figure.subplots(len(streams), 1, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
+    for ax, stream in zip(axes, streams):
+        methods = method_rows(rows, stream)
+        mine = [r for r in rows if r["stream"] == stream]
+        kinds = list(dict.fromkeys(r["label"] for r in mine))
+        step = 0.8 / max(len(kinds), 1)
+        for r in mine:
+            y = methods.index(r["method"]) - 0.4 + step * (kinds.index(r["label"]) + 0.5)
+            x, low, high = (100 * (v if v is not None else np.nan) for v in (r["estimate"], r["ci_low"], r["ci_high"]))
+            significant = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
+            ax.plot([low, high], [y, y], color=colors[r["label"]], linewidth=1.2)
+            ax.plot(x, y, "o", ms=5, color=colors[r["label"]], markerfacecolor=None if significant else "white")
+        ax.axvline(0, color="k", linewidth=0.8)
+        ax.axvspan(-100 * margin, 100 * margin, color="0.85", alpha=0.5, linewidth=0)
+        ax.set_yticks(range(len(methods)), methods, fontsize=MIN_FONT)
+        ax.set_ylim(len(methods) - 0.5, -0.5)
+        ax.set_title(stream, fontsize=FONT, loc="left")
+        ax.set_xlabel("accuracy minus the i.i.d. kind's (points), 95% interval")
+        ax.grid(axis="x", alpha=0.3)
+        apply_font(ax)
+    extra = [Line2D([], [], marker="o", color=colors[k], label=k) for k in labels]
+    extra += [Line2D([], [], marker="o", ls="none", color="0.3", label="filled: adjusted p < alpha"),
+             Line2D([], [], marker="o", ls="none", color="0.3", markerfacecolor="white",
+                    label="hollow: not significant"),
+             Patch(color="0.85", alpha=0.5, label=f"±{100 * margin:g} points (equivalence margin)")]
+    legend_and_title(figure, axes, "What each kind of stream costs, against the i.i.d. stream", extra)
+    save(figure, target, dpi)
+
+
+def chaos_against_order(spreads: list[dict], chaos: list[dict], target: Path, dpi: int) -> None:
+    """Per stream (a panel each) and order-dependent method: the within-kind SD of every kind (coloured, 95%
+    interval) next to the pure-chaos SD of last-bit replicates (black diamond, 95% interval)."""
+    streams = list(dict.fromkeys(r["stream"] for r in spreads)) or [""]
+    labels = list(dict.fromkeys(r["label"] for r in spreads))
+    colors = kind_colors(labels)
+    methods = {s: method_rows(spreads, s) for s in streams}
+    depth = 0.55 * MIN_FONT / 72 * max((len(m) for ms in methods.values() for m in ms), default=1) * 0.71
+    figure = new_figure(PAGE_WIDTH, 2.4 * len(streams) + depth + 1.2)
+    axes = figure.subplots(len(streams), 1, squeeze=False).ravel()
+    for ax, stream in zip(axes, streams):
+        names = methods[stream]
+        kinds = list(dict.fromkeys(r["label"] for r in spreads if r["stream"] == stream))
+        step = 0.8 / (len(kinds) + 1)
+        for r in (r for r in spreads if r["stream"] == stream):
+            x = names.index(r["method"]) - 0.4 + step * (kinds.index(r["label"]) + 0.5)
+            errorbar(ax, x, r["estimate"], r["ci_low"], r["ci_high"], "o", colors[r["label"]], r["label"])
+        for c in {(c["stream"], c["method"]): c for c in chaos if c["stream"] == stream}.values():
+            if c["method"] in names:
+                x = names.index(c["method"]) + 0.4 - step / 2
+                errorbar(ax, x, c["chaos_sd"], c["ci_low"], c["ci_high"], "D", "k", "chaos: last-bit replicates")
+        ax.set_title(stream + ("" if any(c["stream"] == stream for c in chaos) else
+                               " (no last-bit replicates in this sweep)"), fontsize=FONT, loc="left")
+        ax.set_ylabel("SD (points)")
+        ax.set_xlim(-0.6, max(len(names), 1) - 0.4)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=MIN_FONT)
         ax.grid(axis="y", alpha=0.3)
         apply_font(ax)
-    axes[-1].set_xlim(-0.6, max(len(methods), 1) - 0.4)
-    axes[-1].set_xticks(range(len(methods)), methods, rotation=45, ha="right", rotation_mode="anchor",
-                        fontsize=MIN_FONT)
-    star = Line2D([], [], color="k", marker="*", ls="none", label="* Cochran's Q p < 0.05")
-    legend_and_title(figure, axes, "The spread the order causes against sampling alone", [star])
+    legend_and_title(figure, axes, "Orderings against chaos: the SD between orderings within each kind, and "
+                                   "between replicates of one run")
     save(figure, target, dpi)
 
 
-def order_vs_seed(rows: list[dict], target: Path, dpi: int) -> None:
-    """SD(order) against SD(seed) with their intervals, one marker per (stream, method); the diagonal y = x."""
-    figure = new_figure(PAGE_WIDTH, 6.0)
-    ax = figure.subplots()
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    streams = list(dict.fromkeys(r["dataset"] for r in rows))
-    colors, markers = method_colors(methods), "osD^v<>ph*"
-    top = 0.1
-    for r in rows:
-        x, y = 100 * r["sd_seed"], 100 * r["sd_order"]
-        (xl, xh), (yl, yh) = [(100 * (lo or 0), 100 * (hi or 0)) for lo, hi in (r["sd_seed_ci"], r["sd_order_ci"])]
-        uncontrolled = r["verdict"].startswith("seed has no effect")  # drawn hollow: no control on this grid
-        ax.errorbar(x, y, xerr=[[max(x - xl, 0)], [max(xh - x, 0)]], yerr=[[max(y - yl, 0)], [max(yh - y, 0)]],
-                    fmt=markers[streams.index(r["dataset"]) % len(markers)], color=colors[r["method"]], ms=6,
-                    capsize=2, alpha=0.85, elinewidth=0.8, markerfacecolor="none" if uncontrolled else None)
-        top = max(top, x, y)  # the estimates set the scale; wider intervals run off the axes
-    top *= 1.25
-    ax.plot([0, top], [0, top], "k--", linewidth=0.8)
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("SD(seed): accuracy points due to the augmentation seed")
-    ax.set_ylabel("SD(order): accuracy points due to the ordering")
-    handles = [Patch(color=colors[m], label=m) for m in methods]
-    handles += [Line2D([], [], marker=markers[i % len(markers)], ls="none", color="0.3", label=s)
-                for i, s in enumerate(streams)]
-    if any(r["verdict"].startswith("seed has no effect") for r in rows):
-        handles.append(Line2D([], [], marker="o", ls="none", color="0.3", markerfacecolor="none",
-                              label="hollow: the seed does not\nreach it (no control)"))
-    if handles:
-        figure.legend(handles=handles, fontsize=MIN_FONT, frameon=False, loc="outside right upper",
-                      ncol=1 if len(handles) <= 22 else 2)
-    ax.set_title("Order against chance (above the diagonal: the order matters more than the seed)", fontsize=FONT)
-    ax.grid(alpha=0.3)
-    apply_font(ax)
-    save(figure, target, dpi)
+def errorbar(ax, x: float, value, low, high, marker: str, color, label: str) -> None:
+    """A value in points with its interval; nothing where the value is unknown."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return
+    y = 100 * value
+    low, high = (100 * v if v is not None and not math.isnan(v) else y for v in (low, high))
+    ax.errorbar(x, y, yerr=[[max(y - low, 0)], [max(high - y, 0)]], fmt=marker, color=color, ms=5, capsize=2,
+                elinewidth=0.8, label=label)
 
 
 def evidence_growth(rows: list[dict], target_half_width: float, target: Path, dpi: int) -> None:
-    """The 95% interval's half-width against the number of orderings it rests on: a colour per method, a line
-    style per dataset."""
+    """The 95% interval's half-width of a kind's mean against the orderings it rests on: a thin line per (stream,
+    method, kind), coloured by kind."""
     figure = new_figure(PAGE_WIDTH, 4.8)
     ax = figure.subplots()
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    colors, styles = method_colors(methods), ["-", "--", ":", "-."]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colors = kind_colors(labels)
     for r in rows:
         points = [p for p in r["by_count"] if p["half_width"] is not None]
         ax.plot([p["orderings"] for p in points], [100 * p["half_width"] for p in points], marker=".",
-                color=colors[r["method"]], linestyle=styles[datasets.index(r["dataset"]) % len(styles)])
+                color=colors[r["label"]], linewidth=0.8, alpha=0.7)
     ax.axhline(100 * target_half_width, color="k", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("orderings")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("orderings of the kind")
     ax.set_ylabel("95% interval half-width (points)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colors[m], label=m) for m in methods]
-    handles += [Line2D([], [], color="0.3", linestyle=styles[i % len(styles)], label=d)
-                for i, d in enumerate(datasets)]
+    handles = [Line2D([], [], color=colors[k], label=k) for k in labels]
     handles.append(Line2D([], [], color="k", linestyle="--", linewidth=0.8, label="target"))
     figure.legend(handles=handles, fontsize=MIN_FONT, frameon=False, loc="outside right upper",
                   ncol=1 if len(handles) <= 18 else 2)

@@ -1,4 +1,10 @@
-"""reports/metrics.json: every number of the report, computed from the results with analysis.statistics."""
+"""reports/metrics.json: every number of the report, computed from the results with analysis.statistics.
+
+The answer first (`orders`): per stream and order-dependent method, each kind's contrast against the i.i.d. stream
+and the spread between orderings within each kind, adjusted across all tested rows, with verdicts; the pure-chaos
+SD; the evidence per kind. Then the accuracy per kind of every method, the differences against zero-shot and TPT,
+collapse, memory, ablations, calibration, the testbed and the findings' diagnostics.
+"""
 from __future__ import annotations
 
 import math
@@ -7,47 +13,44 @@ import numpy as np
 import pandas as pd
 
 from analysis import statistics as st
+from dynaprompt.diagnostics import prediction_agreement
 from dynaprompt.specs import Settings
 
+from . import orders
 from .results import Results
 
 DEFINITIONS = {
-    "grid": "each order-dependent method runs every ordering under every augmentation seed (views.view_seed: "
-            "the random crops, flips and AugMix of every sample's views); a cell is one (ordering, seed) run. "
-            "Order-independent methods run once per seed and are reordered, so their orderings cannot differ",
-    "mean": "mean accuracy over the cells of the grid (balanced: the mean of the per-ordering means)",
-    "ci95": "Student-t interval of that mean over the per-ordering accuracies averaged over seeds, on "
-            "n_orderings - 1 degrees of freedom; flagged too_few_orderings below report.min_orderings",
-    "std": "sample standard deviation (ddof=1) of the per-ordering accuracies averaged over seeds",
-    "between_sd": "the same SD across orderings: what the order changes, the augmentation noise averaged out",
-    "within_se": "binomial standard error sqrt(p(1-p)/n) of one run's accuracy over its n samples, averaged "
-                 "over the cells: what drawing other samples would change",
-    "cochran_q": "Cochran's Q test (Cochran 1950, Biometrika 37:256) on the samples x orderings matrix of "
-                 "per-sample correctness at the params' own view seed: does the probability of a correct answer "
-                 "depend on the ordering? n = samples, df = orderings - 1",
-    "cochran_q_seeds": "Cochran's Q on the samples x seeds matrix at one fixed ordering (the method's first): the "
-                       "same question for a perturbation that is not an ordering, as a reference",
-    "variance_components": "run accuracy y[o, s] = mu + a_o + b_s + e_os with a ~ N(0, sd_order^2), b ~ N(0, "
-                           "sd_seed^2), e ~ N(0, sd_residual^2), crossed random effects fitted by REML "
-                           "(statsmodels MixedLM, one group, a variance component per factor); 95% intervals: "
-                           "percentile parametric bootstrap (report.variance_bootstrap refits of grids drawn from "
-                           "the fit); n = orderings x seeds cells",
-    "order_test": "permutation F test of ordering within seeds (Anderson & ter Braak 2003, J. Stat. Comput. Simul. "
-                  "73:85): each seed's column of accuracies permuted across orderings, F = MS(ordering) / "
-                  "MS(residual) of the two-way ANOVA; 'order > chance' when p < 1 - confidence, i.e. the "
-                  "orderings' effect is consistent across seeds beyond the ordering-by-seed scatter; not run where "
-                  "the seed does not change the records ('seed has no effect: no control')",
-    "tail_accuracy": "expected tail accuracy: the mean accuracy of the worst 10% of the grid's runs (at least "
-                     "one), as OGA (cfuchs2023/OGA) reports it: what a user should expect in a bad case",
-    "vs_reference": "accuracy minus the reference's (zero-shot or TPT) at the same seed, paired by sample within "
-                    "each cell, averaged over the grid; ci_orderings: Student-t over the per-ordering differences "
-                    "(averaged over seeds; n = orderings); ci_samples: percentile bootstrap over samples of the "
-                    "per-sample mean difference (n = samples, resampled with replacement, paired across cells)",
+    "grid": "each order-dependent method runs every ordering of every kind under every augmentation seed "
+            "(`sweep.view_seeds`: the random crops, flips and AugMix of every sample's views, and a seeded "
+            "perturbation at the last bit of the feature cache's precision for the methods that read the original "
+            "view only); a cell is one (ordering, seed) run. Order-independent methods run once per seed and are "
+            "reordered, so their orderings, and their kinds, cannot differ",
+    "kinds": "the kind of stream is the ordering's family (its kind and defining options: shuffle, dirichlet0.1, "
+             "class_blocked, ...), named as the field names it (NOTE, RoTTA and StatA: 'Dirichlet δ=0.1', "
+             "'separate'; Döbler et al.: 'mixed domains', 'mixed + correlated'); label_correlation: the fraction of "
+             "consecutive same-label pairs along the stream, the mean over the kind's orderings",
+    "accuracy": "per kind: the mean accuracy over the kind's orderings x seeds (balanced: the mean of the "
+                "per-ordering means); n = orderings x seeds runs",
+    "vs_reference": "on the i.i.d. kind only: accuracy minus the reference's (zero-shot or TPT) at the same seed, "
+                    "paired by sample within each cell, averaged over the cells; ci_orderings: Student-t over the "
+                    "per-ordering differences (averaged over seeds; n = orderings); ci_samples: percentile bootstrap "
+                    "over samples of the per-sample mean difference (report.bootstrap_samples resamples, n = "
+                    "samples, paired across cells)",
     "collapse": "an order-dependent run collapses when its last block falls more than collapse_margin below "
                 "zero-shot on the same samples, or below its own first block (both measured against zero-shot on "
                 "the block's samples; not on class-blocked or cyclic orderings, whose first and last blocks hold "
                 "different classes or domains, where a gain differs by itself); "
                 "order-independent methods carry no state and cannot collapse",
+    "wins_losses": "samples a run gets right and zero-shot wrong (wins), and the reverse, averaged over the runs",
+    "cyclic_memory": "on cyclic streams, of the entries (prompts, cached features) appended during a domain's "
+                     "block, the fraction deleted before that domain's next block",
+    "diagnostics": "reports/diagnostics.json (the diagnostics stage) per swept stream: ECALP's share of negative "
+                   "top-3 image-text edges and of nodes whose heaviest edge is not their zero-shot top-1 (n = "
+                   "samples); C-TPT's median ratio |lambda grad ATFD| / |grad entropy| at its first step and the "
+                   "share of the step's coordinates that follow the dispersion (n = report.diagnostic_samples "
+                   "samples); here C-TPT's agreement with zero-shot: the share of samples both predict alike, from "
+                   "the records, the mean over the view seeds",
+    **st.ORDER_DEFINITIONS,
 }
 
 
@@ -67,7 +70,7 @@ def reference_correct(results: Results, dataset: str, reference: str, sample_ids
     The reference is order-independent (zero-shot, TPT): any of its orderings at a seed gives the same answers;
     where it did not run at a cell's seed, its run at the params' own seed stands in (zero-shot reads the original
     view only, which no seed changes)."""
-    runs = results.runs
+    runs = orders.grid_runs(results)
     mine = runs[(runs["dataset"] == dataset) & (runs["method"] == reference)]
     if mine.empty or not bool(mine["order_independent"].all()):
         return None
@@ -87,43 +90,53 @@ def grid_rows(rows: pd.DataFrame, results: Results) -> pd.DataFrame:
     return rows.sort_values(["_o", "view_seed"]).drop(columns="_o")
 
 
+def per_kind_accuracy(rows: pd.DataFrame, settings: Settings) -> dict:
+    """family -> accuracy (mean over its orderings x seeds), its orderings, seeds, runs and expected tail."""
+    config = settings.report
+    out = {}
+    for family in orders.kind_order(rows["ordering_family"], config.reference_kind):
+        mine = rows[rows["ordering_family"] == family]
+        values = mine["accuracy"].astype(float).to_numpy()
+        out[family] = {"accuracy": float(values.mean()), "n_orderings": int(mine["ordering"].nunique()),
+                       "n_seeds": int(mine["view_seed"].nunique()), "n_runs": len(values),
+                       "tail": st.tail_summary(values, config.tail_fraction)}
+    return out
+
+
 def method_summary(results: Results, settings: Settings, dataset: str, method: str, rows: pd.DataFrame) -> dict:
-    """The order-sensitivity numbers of one method on one dataset, over its ordering x seed grid."""
+    """One method on one stream: its accuracy per kind, its cells, and its differences from zero-shot and TPT on
+    the i.i.d. kind."""
     config = settings.report
     rows = grid_rows(rows, results)
     cells, accuracy = list(rows["cell"]), rows["accuracy"].astype(float).to_numpy()
-    by_ordering = rows.groupby("ordering", sort=False)["accuracy"].mean()
-    orderings, seeds = list(by_ordering.index), sorted(set(rows["view_seed"].astype(int)))
-    interval = st.t_interval(by_ordering.to_numpy(), config.confidence)
-    correct, sample_ids = correct_matrix(results, dataset, method, cells)
-    base = int(settings.views.view_seed)
-    at_base = [i for i, s in enumerate(rows["view_seed"]) if int(s) == base] or list(range(len(cells)))
-    first = rows["ordering"].iloc[0]
-    at_first = [i for i, o in enumerate(rows["ordering"]) if o == first]
-    worst = cells[int(np.argmin(accuracy))] if len(set(accuracy)) > 1 else None  # no worst cell when all tie
-    order_independent = bool(rows["order_independent"].all())
     out = {
-        "method_kind": str(rows["method_kind"].iloc[0]), "order_independent": order_independent,
-        "n_orderings": len(orderings), "orderings": orderings, "n_seeds": len(seeds), "seeds": seeds,
-        "n_cells": len(cells), "n_samples": int(rows["n"].iloc[0]),
-        "mean": float(accuracy.mean()), "ci95": [interval["low"], interval["high"]],
-        "half_width": interval["half_width"], "too_few_orderings": len(orderings) < config.min_orderings,
-        "std": float(by_ordering.std()) if len(orderings) > 1 else None, "min": float(accuracy.min()),
-        "max": float(accuracy.max()), "worst_cell": worst, "tail_accuracy": st.tail_accuracy(accuracy),
-        **st.order_spread(by_ordering.to_numpy(), [int(rows["n"].iloc[0])] * len(orderings)),
-        "cochran_q": st.cochran_q(correct[:, at_base]), "cochran_q_seeds": st.cochran_q(correct[:, at_first]),
-        "per_cell": {c: {"accuracy": float(a), "ordering": str(o), "view_seed": int(s), "ordering_kind": str(k)}
-                     for c, a, o, s, k in zip(cells, accuracy, rows["ordering"], rows["view_seed"],
-                                              rows["ordering_kind"])},
+        "method_kind": str(rows["method_kind"].iloc[0]), "order_independent": bool(rows["order_independent"].all()),
+        "n_orderings": int(rows["ordering"].nunique()), "n_seeds": int(rows["view_seed"].nunique()),
+        "n_cells": len(cells), "n_samples": int(rows["n"].iloc[0]), "mean": float(accuracy.mean()),
+        "per_kind": per_kind_accuracy(rows, settings),
+        "per_cell": {c: {"accuracy": float(a), "ordering": str(o), "view_seed": int(s), "ordering_kind": str(k),
+                         "kind": str(f)}
+                     for c, a, o, s, k, f in zip(cells, accuracy, rows["ordering"], rows["view_seed"],
+                                                 rows["ordering_kind"], rows["ordering_family"])},
     }
-    groups = list(rows["ordering"])
+    iid = rows[rows["ordering_family"] == config.reference_kind]
     for name, reference in (("vs_zero_shot", "zero_shot"), ("vs_tpt", "tpt")):
         ref = reference_method(results, dataset, reference)
-        matrix = None if ref in (None, method) else reference_correct(results, dataset, ref, sample_ids,
-                                                                     list(rows["view_seed"]))
-        out[name] = None if matrix is None else {"reference": ref, **st.paired_difference(
-            correct, matrix, config.confidence, config.bootstrap_samples, config.seed, groups=groups)}
+        out[name] = None if ref in (None, method) or iid.empty else difference(results, settings, dataset, method,
+                                                                               ref, iid)
     return out
+
+
+def difference(results: Results, settings: Settings, dataset: str, method: str, reference: str,
+               rows: pd.DataFrame) -> dict | None:
+    """`method` minus `reference` on the cells of `rows`, paired by sample (analysis.statistics.paired_difference)."""
+    config = settings.report
+    correct, sample_ids = correct_matrix(results, dataset, method, list(rows["cell"]))
+    matrix = reference_correct(results, dataset, reference, sample_ids, list(rows["view_seed"]))
+    if matrix is None:
+        return None
+    return {"reference": reference, "kind": config.reference_kind, **st.paired_difference(
+        correct, matrix, config.confidence, config.bootstrap_samples, config.seed, groups=list(rows["ordering"]))}
 
 
 def reference_method(results: Results, dataset: str, kind: str) -> str | None:
@@ -133,13 +146,18 @@ def reference_method(results: Results, dataset: str, kind: str) -> str | None:
     return None if not candidates else (kind if kind in candidates else candidates[0])
 
 
+def first_cell(results: Results, dataset: str, method: str) -> str:
+    """The first grid cell of `method` on `dataset` (its records stand for an order-independent reference)."""
+    runs = orders.grid_runs(results)
+    return runs.loc[(runs["dataset"] == dataset) & (runs["method"] == method), "cell"].iloc[0]
+
+
 def block_zero_shot(results: Results, dataset: str, records: pd.DataFrame, block_size: int) -> list[float] | None:
     """Zero-shot's accuracy on the samples of each block of `records` (matched by sample_id)."""
     zs = reference_method(results, dataset, "zero_shot")
     if zs is None:
         return None
-    first = results.runs[(results.runs["dataset"] == dataset) & (results.runs["method"] == zs)].iloc[0]
-    truth = results.records_of(dataset, zs, first.cell).set_index("sample_id")["correct"]
+    truth = results.records_of(dataset, zs, first_cell(results, dataset, zs)).set_index("sample_id")["correct"]
     matched = truth.loc[records["sample_id"]].to_numpy(dtype=float)
     return [float(matched[i:i + block_size].mean()) for i in range(0, len(matched), block_size)]
 
@@ -170,8 +188,7 @@ def wins_losses(results: Results, row) -> tuple[int, int] | None:
     zs = reference_method(results, row.dataset, "zero_shot")
     if zs is None or zs == row.method:
         return None
-    first = results.runs[(results.runs["dataset"] == row.dataset) & (results.runs["method"] == zs)].iloc[0]
-    truth = results.records_of(row.dataset, zs, first.cell).set_index("sample_id")["correct"]
+    truth = results.records_of(row.dataset, zs, first_cell(results, row.dataset, zs)).set_index("sample_id")["correct"]
     mine = results.records_of(row.dataset, row.method, row.cell).set_index("sample_id")["correct"]
     truth = truth.loc[mine.index]
     return int((mine & ~truth).sum()), int((~mine & truth).sum())
@@ -210,7 +227,7 @@ def cyclic_prompt_loss(records: pd.DataFrame) -> dict:
 
 
 def dataset_metrics(results: Results, settings: Settings, runs: pd.DataFrame) -> dict:
-    """datasets -> methods -> summary, for the runs of one group (or several)."""
+    """datasets -> methods -> summary, with each cell's collapse check, wins and losses and cyclic memory."""
     out = {}
     margin = settings.report.collapse_margin
     for dataset in results.order("dataset", runs):
@@ -244,11 +261,11 @@ def ablation_rows(results: Results, settings: Settings) -> dict:
     if config.dataset is None:
         return {"ablation": [], "buffer_size": [], "margins": []}
     runs = results.group("ablation")
-    runs = pd.concat([runs, results.runs[(results.runs["dataset"] == config.dataset)
-                                         & results.runs["method"].isin([config.base, *config.references])
-                                         & results.runs["ordering"].isin(config.orderings)
-                                         & (results.runs["view_seed"] == settings.views.view_seed)]]
-                     ).drop_duplicates("run")
+    grid = orders.grid_runs(results)
+    runs = pd.concat([runs, grid[(grid["dataset"] == config.dataset)
+                                 & grid["method"].isin([config.base, *config.references])
+                                 & grid["ordering"].isin(config.orderings)
+                                 & (grid["view_seed"] == settings.views.view_seed)]]).drop_duplicates("run")
     base = settings.method(config.base)
     table, sizes, margins = [], [], []
     for method in results.order("method", runs):
@@ -306,59 +323,48 @@ def calibration_metrics(results: Results, settings: Settings, testbed: dict) -> 
             "v0_context_rms": rms, "lr_over_rms": None if not rms else settings.tuning.lr / rms}
 
 
-def evidence_rows(results: Results, settings: Settings, metrics: dict, components: dict) -> list[dict]:
-    """Per order-dependent (dataset, method): orderings so far, the half-width of the mean's interval and the width
-    of SD(order)'s interval against the schedule's targets."""
-    target = settings.sweep.schedule.target_half_width
-    order_target = settings.sweep.schedule.target_sd_order_width
-    rows = []
-    for dataset, methods in metrics.items():
-        for method, m in methods.items():
-            if m["order_independent"]:
-                continue
-            by_ordering = {}
-            for entry in m["per_cell"].values():  # the per-ordering accuracies, averaged over seeds
-                by_ordering.setdefault(entry["ordering"], []).append(entry["accuracy"])
-            by_count = st.half_width_by_count([float(np.mean(by_ordering[o])) for o in m["orderings"]],
-                                              settings.report.confidence)
-            component = components.get((dataset, method), {})
-            low, high = component.get("sd_order_ci") or (None, None)
-            width = None if low is None or high is None else high - low
-            met = bool(m["half_width"] <= target) and (width is not None and width <= order_target)
-            rows.append({"dataset": dataset, "method": method, "n_orderings": m["n_orderings"],
-                         "n_seeds": m["n_seeds"], "half_width": m["half_width"], "target": target,
-                         "sd_order_ci_width": width, "order_target": order_target, "met": met,
-                         "by_count": by_count})
-    return rows
+def diagnostics_metrics(results: Results, settings: Settings, diagnostics: dict | None, datasets: dict
+                        ) -> dict | None:
+    """The diagnostics stage's findings per stream next to the method's accuracy (on the i.i.d. kind), zero-shot's
+    and TPT's; C-TPT's agreement with zero-shot from the records."""
+    if not diagnostics:
+        return None
+    reference = settings.report.reference_kind
+    streams = {}
+    for stream, found in diagnostics.get("streams", {}).items():
+        methods = datasets.get(stream, {})
+        zero_shot, tpt = (reference_method(results, stream, kind) for kind in ("zero_shot", "tpt"))
+        streams[stream] = {
+            "zero_shot_accuracy": kind_accuracy(methods, zero_shot, reference),
+            "tpt_accuracy": kind_accuracy(methods, tpt, reference),
+            "ecalp": {m: {**values, "accuracy": kind_accuracy(methods, m, reference)}
+                      for m, values in found.get("ecalp", {}).items()},
+            "ctpt": {m: {**values, "accuracy": kind_accuracy(methods, m, reference),
+                         "agreement_with_zero_shot": agreement(results, stream, m, zero_shot)}
+                     for m, values in found.get("ctpt", {}).items()}}
+    return {"streams": streams, "model": diagnostics.get("model")}
 
 
-def variance_component_rows(results: Results, settings: Settings, metrics: dict) -> list[dict]:
-    """metrics.json's `variance_components`: per (dataset, method), SD(order), SD(seed), SD(residual) with their
-    intervals, the order-effect test, its verdict and the tail accuracy (analysis.statistics.variance_components;
-    the pairs are fitted in `report.workers` processes)."""
-    config = settings.report
-    jobs = []
-    for dataset, methods in metrics.items():
-        for method, m in methods.items():
-            cells = list(m["per_cell"].values())
-            jobs.append(((dataset, method), m["order_independent"], [c["accuracy"] for c in cells],
-                         [c["ordering"] for c in cells], [c["view_seed"] for c in cells]))
-    options = {"confidence": config.confidence, "bootstrap": config.variance_bootstrap, "seed": config.seed}
-    if config.workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            fitted = list(pool.map(fit_components, [(job, options) for job in jobs]))
-    else:
-        fitted = [fit_components((job, options)) for job in jobs]
-    return [{"dataset": key[0], "method": key[1], **values} for (key, *_), values in zip(jobs, fitted)]
+def kind_accuracy(methods: dict, method: str | None, kind: str) -> float | None:
+    """A method's accuracy on `kind` (its first kind where the stream has no such kind); None if it did not run."""
+    kinds = methods.get(method, {}).get("per_kind", {})
+    return (kinds.get(kind) or next(iter(kinds.values()), {})).get("accuracy")
 
 
-def fit_components(job_and_options) -> dict:
-    """One pair's variance components (a top-level function: it runs in a worker process)."""
-    (_, order_independent, accuracies, orderings, seeds), options = job_and_options
-    return st.variance_components(accuracies, orderings, seeds, order_independent=order_independent, **options)
+def agreement(results: Results, stream: str, method: str, zero_shot: str | None) -> float | None:
+    """The share of samples `method` and zero-shot predict alike, the mean over the method's view seeds (zero-shot
+    at the same seed where it ran there, else at its first)."""
+    runs = orders.grid_runs(results)
+    mine = runs[(runs["dataset"] == stream) & (runs["method"] == method)]
+    if zero_shot is None or mine.empty:
+        return None
+    theirs = runs[(runs["dataset"] == stream) & (runs["method"] == zero_shot)]
+    by_seed = {int(seed): rows["cell"].iloc[0] for seed, rows in theirs.groupby("view_seed")}
+    shares = [prediction_agreement(results.records_of(stream, method, rows["cell"].iloc[0]),
+                                   results.records_of(stream, zero_shot, by_seed.get(int(seed),
+                                                                                     theirs["cell"].iloc[0])))
+              for seed, rows in mine.groupby("view_seed")]
+    return float(np.mean(shares))
 
 
 def plain(value):
@@ -374,19 +380,28 @@ def plain(value):
     return value
 
 
-def compute_metrics(results: Results, settings: Settings, testbed: dict | None, pretrain: dict | None) -> dict:
-    """metrics.json: definitions once at the top, then each part."""
-    main = results.runs[results.runs["group"].isin(["main", "added"])]
-    datasets = dataset_metrics(results, settings, main)
-    components = variance_component_rows(results, settings, datasets)
-    by_pair = {(r["dataset"], r["method"]): r for r in components}
+def compute_metrics(results: Results, settings: Settings, testbed: dict | None, pretrain: dict | None,
+                    diagnostics: dict | None = None) -> dict:
+    """metrics.json: definitions once at the top, then the answer (`order`, `chaos`, `evidence`), then each part."""
+    runs = orders.grid_runs(results)
+    kinds = orders.kind_table(results, settings, runs)
+    datasets = dataset_metrics(results, settings, runs)
+    rows = orders.order_rows(results, settings, runs, kinds)
+    config = settings.report
     return plain({
-        "definitions": DEFINITIONS, "confidence": settings.report.confidence,
-        "collapse_margin": settings.report.collapse_margin, "runs": int(len(results.runs)),
-        "datasets": datasets, "variance_components": components, **ablation_rows(results, settings),
+        "definitions": DEFINITIONS, "confidence": config.confidence, "adjustment": config.adjustment,
+        "adjustment_method": st.ADJUSTMENTS[config.adjustment], "equivalence_margin": config.equivalence_margin,
+        "reference_kind": config.reference_kind, "collapse_margin": config.collapse_margin,
+        "tail_fraction": config.tail_fraction,
+        "runs": int(len(results.runs)), "tested_rows": int(np.isfinite(rows["p_value"].astype(float)).sum()),
+        "kinds": {stream: {f: kinds[(s, f)] for s, f in kinds if s == stream} for stream in dict.fromkeys(
+            s for s, _ in kinds)},
+        "order": orders.metrics_entries(rows), "chaos": orders.chaos_entries(results, settings, runs),
+        "evidence": orders.evidence_entries(settings, runs, rows, results),
+        "datasets": datasets, **ablation_rows(results, settings),
         "calibration": calibration_metrics(results, settings, testbed),
         "testbed": testbed_summary(testbed, pretrain),
-        "evidence": evidence_rows(results, settings, datasets, by_pair),
+        "diagnostics": diagnostics_metrics(results, settings, diagnostics, datasets),
     })
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from dynaprompt.records import RECORD_COLUMNS
 from dynaprompt.registry import OrderingRegistry
-from dynaprompt.results import PLAN_COLUMNS, RUN_COLUMNS, ResultsLayout, RunKey, runs_table
+from dynaprompt.results import PLAN_COLUMNS, PLAN_ORDERING_COLUMNS, RUN_COLUMNS, ResultsLayout, RunKey, runs_table
 
 from ..checks import run_suite, summarize_failures
 
@@ -22,13 +22,15 @@ class InvalidResults(Exception):
 
 @dataclass
 class Results:
-    """Everything the report reads: the plan (params plan + registered orderings), the runs, their records."""
+    """Everything the report reads: the plan (params plan + registered orderings), the runs, their records, and the
+    plan's (stream, ordering) table (kind, family, options, label correlation)."""
 
-    plan: pd.DataFrame  # dataset, method, ordering, seed, cell, group
+    plan: pd.DataFrame  # dataset, method, ordering, seed, replicate, cell, group
     runs: pd.DataFrame  # RUN_COLUMNS + run, group
     records: dict  # RunKey -> records table
     registry: list = field(default_factory=list)
     problems: list = field(default_factory=list)
+    orderings: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PLAN_ORDERING_COLUMNS))
 
     def group(self, name: str) -> pd.DataFrame:
         return self.runs[self.runs["group"] == name]
@@ -51,10 +53,10 @@ def load_results(layout: ResultsLayout, settings) -> Results:
 
     problems = []
     if layout.plan_file.is_file():
-        plan = layout.read_plan()
+        plan, orderings = layout.read_plan(), layout.read_plan_orderings()
     else:
         problems.append(f"missing {layout.plan_file} (run the sweep)")
-        plan = pd.DataFrame(columns=PLAN_COLUMNS)
+        plan, orderings = pd.DataFrame(columns=PLAN_COLUMNS), pd.DataFrame(columns=PLAN_ORDERING_COLUMNS)
     registry = [e for e in OrderingRegistry(layout.orderings_registry).entries() if e.status == "complete"]
     added = [RunKey(d, m, e.name, s) for e in registry for d, m in e.runs
              for s in (seed_keys(settings, e.seeds) if e.seeds else view_seeds(settings))]
@@ -69,7 +71,7 @@ def load_results(layout: ResultsLayout, settings) -> Results:
     runs["run"] = [k.label for k in run_keys]
     runs["group"] = [planned[k] for k in run_keys]
     records = {s.key: layout.read_records(s.key) for s in summaries}
-    return Results(plan, runs, records, registry, problems)
+    return Results(plan, runs, records, registry, problems, orderings)
 
 
 def runs_expectations() -> list:
