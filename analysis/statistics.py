@@ -334,6 +334,9 @@ class AnalysisOptions:
     resamples: int = 9999  # permutations of the F test: p resolves to 1/(resamples + 1) (Phipson & Smyth 2010)
     seed: int = 0  # the permutation generator's seed: the same p on every machine
     power: float = 0.8  # power at which the smallest detectable effect is stated (Cohen 1988's convention)
+    seed_reaches: bool = False  # the seed perturbs every input of every method (the last-bit perturbation,
+    #   run.last_bit): a grid the seed leaves unchanged is then a method the perturbation does not move, and its
+    #   orderings are tested; False: such a grid may be a method the seed never reached ("no control")
 
 
 KIND_CONTRAST_TEST = "Welch t test on per-ordering means (seed effect cancels)"
@@ -458,14 +461,18 @@ def welch_contrast(kind_means, reference_means, confidence: float = 0.95) -> dic
             "estimate_se": se}
 
 
-def within_kind_spread(grid, confidence: float = 0.95, resamples: int = 9999, seed: int = 0) -> dict:
+def within_kind_spread(grid, confidence: float = 0.95, resamples: int = 9999, seed: int = 0,
+                       seed_reaches: bool = False) -> dict:
     """The random-effect SD of the ordering on one kind's [orderings, seeds] grid: REML estimate (closed form), MLS
     interval for v_order = (E[MS_order] - E[MS_resid]) / s (`mls_interval`), permutation F test within seeds
     (`ordering_permutation_test`). Degenerate grids get NaNs and a note, never an exception:
     - < 2 orderings: "too few orderings"; 1 seed: "no seed replicate" (the ordering and the residual are confounded);
     - every ordering alike under each seed: SD 0 exactly, p = 1;
-    - the seed changes nothing (every column alike) but the orderings differ: "seed has no effect: no control" (the
-      SD over orderings with its chi-square interval, no test: there is no perturbation to compare against).
+    - the seed changes nothing (every column alike) but the orderings differ: the SD over orderings with its
+      chi-square interval. Where the seed is known to reach the method (`seed_reaches`: its features' last bits
+      move under every seed), the method is not moved by the perturbation, so the permutation test runs (an ordering
+      effect consistent under every seed gives its design's smallest p); else "seed has no effect: no control" and
+      no test: the seed may never have reached it.
     """
     grid = np.asarray(grid, dtype=float)
     k, s = grid.shape
@@ -484,9 +491,12 @@ def within_kind_spread(grid, confidence: float = 0.95, resamples: int = 9999, se
                 "interval": "exact: every ordering gives the same accuracy under each seed"}
     if np.all(grid == grid[:, :1]):
         sd, (low, high) = sd_with_interval(grid[:, 0], (1 - confidence) / 2)
-        return {**out, "estimate": sd, "ci_low": low, "ci_high": high, "sd_seed": 0.0, "sd_residual": 0.0,
-                "note": "seed has no effect: no control",
-                "interval": "SD over orderings, chi-square interval (the seed does not change the runs)"}
+        stable = {**out, "estimate": sd, "ci_low": low, "ci_high": high, "sd_seed": 0.0, "sd_residual": 0.0,
+                  "interval": "SD over orderings, chi-square interval (the seed does not change the runs)"}
+        if not seed_reaches:
+            return {**stable, "note": "seed has no effect: no control"}
+        test = ordering_permutation_test(grid, resamples, seed)
+        return {**stable, "p_value": test["p_value"], "statistic": test["statistic"], "min_p": test["min_p"]}
     anova = two_way_anova(grid)
     v_order, v_seed, v_resid = reml_balanced(anova)
     low, high = mls_interval(float(anova["ms"]["order"]), k - 1, float(anova["ms"]["resid"]), (k - 1) * (s - 1),
@@ -505,7 +515,7 @@ def analyse_orders(runs: pd.DataFrame, *, reference_kind: str = "shuffle", margi
     reference_means = grids[reference_kind].mean(axis=1)
     rows = []
     for kind, grid in grids.items():
-        spread = within_kind_spread(grid, options.confidence, options.resamples, options.seed)
+        spread = within_kind_spread(grid, options.confidence, options.resamples, options.seed, options.seed_reaches)
         if kind != reference_kind:
             contrast = kind_contrast(grid.mean(axis=1), reference_means, options.confidence)
             rows.append({**spread, "df_residual": math.nan, **contrast, "term": "kind", "kind": kind})
@@ -695,20 +705,24 @@ def chi_square_sd_interval(variance: float, df: int, confidence: float = 0.95) -
 
 
 def chaos_test(grid, chaos_variance: float, chaos_df: int) -> dict:
-    """Do one kind's orderings differ more than chaos makes them? F = s var(ordering means) / chaos variance on
-    (k - 1, chaos df): under "orderings differ only by chaos", a mean over the s seeds of the main runs varies by
-    chaos / s (the seed effect is shared by the orderings and cancels). Upper-tail p."""
+    """Do one kind's orderings differ more than replicates of one run do? Both at a fixed view seed: the variance
+    between orderings within each seed, pooled, v = sum_s sum_o (y[o,s] - mean_s)^2 / (s (k - 1)) (the ordering's
+    effect and its interaction with the seed; the seed's own effect removed), against the chaos variance of the
+    replicates. Under "orderings differ only by chaos" (y[o,s] = mu + b_s + chaos) v estimates the chaos variance,
+    so F = v / chaos variance on (s (k - 1), chaos df); upper-tail p. `between_sd` is sqrt(v)."""
     grid = np.asarray(grid, dtype=float)
     k, s = grid.shape
-    spread = float(grid.mean(axis=1).var(ddof=1)) if k > 1 else math.nan
+    between = float(((grid - grid.mean(axis=0, keepdims=True)) ** 2).sum() / (s * (k - 1))) if k > 1 else math.nan
+    out = {"between_sd": math.sqrt(between) if k > 1 else math.nan}
     if not chaos_df:
-        return {"statistic": math.nan, "p_value": math.nan, "note": "no replicates"}
+        return {**out, "statistic": math.nan, "p_value": math.nan, "note": "no replicates"}
     if k < 2:
-        return {"statistic": math.nan, "p_value": math.nan, "note": "too few orderings"}
-    if chaos_variance == 0 and spread == 0:
-        return {"statistic": math.nan, "p_value": math.nan, "note": "no spread at all"}
-    statistic = s * spread / chaos_variance if chaos_variance > 0 else math.inf
-    return {"statistic": statistic, "p_value": float(stats.f.sf(statistic, k - 1, chaos_df)), "note": ""}
+        return {**out, "statistic": math.nan, "p_value": math.nan, "note": "too few orderings"}
+    if chaos_variance == 0 and between == 0:
+        return {**out, "statistic": math.nan, "p_value": math.nan, "note": "no spread at all"}
+    statistic = between / chaos_variance if chaos_variance > 0 else math.inf
+    return {**out, "statistic": statistic, "p_value": float(stats.f.sf(statistic, s * (k - 1), chaos_df)),
+            "note": ""}
 
 
 def chaos_sd(runs: pd.DataFrame, *, confidence: float = 0.95) -> pd.DataFrame:
@@ -734,7 +748,8 @@ def chaos_sd(runs: pd.DataFrame, *, confidence: float = 0.95) -> pd.DataFrame:
                      "ci_high": high, "df": df, "n_cells": repeated, "n_orderings": grid.shape[0],
                      "n_seeds": grid.shape[1], **test,
                      "chaotic": None if math.isnan(test["p_value"]) else bool(test["p_value"] >= 1 - confidence),
-                     "test": "F = seeds x var(ordering means) / chaos variance", "interval": "chi-square interval"})
+                     "test": "F = variance between orderings within seeds / chaos variance",
+                     "interval": "chi-square interval"})
     return pd.DataFrame(rows)
 
 
@@ -783,8 +798,9 @@ ORDER_DEFINITIONS = {
                       "(t_crit + t_0.8) x its SE; infinite where the design's smallest p cannot pass",
     "chaos_sd": "pure chaos: the SD between runs of one cell (same kind, ordering and view seed) that differ only "
                 "by a seeded perturbation at the last bit of the feature cache's precision, pooled over repeated "
-                "cells, chi-square 95% interval; 'chaotic' when F = seeds x var(ordering means) / chaos variance is "
-                "not significant: the orderings differ no more than replicates of one run",
+                "cells, chi-square 95% interval; 'chaotic' when F = (variance between a kind's orderings within each "
+                "view seed) / chaos variance is not significant: at one seed the orderings differ no more than "
+                "replicates of one run",
     "tail": "expected tail accuracy: the mean of exactly the worst 10% of the runs, fractional (the worst floor(n/10) "
             "runs plus the matching fraction of the next), per kind",
 }

@@ -152,3 +152,21 @@ def test_the_chaos_interval_covers():
         low, high = st.chi_square_sd_interval(variance, df, 0.95)
         covered.append(low <= 1 * P <= high)
     assert np.mean(covered) >= 0.93
+
+
+def test_an_interaction_larger_than_chaos_is_beyond_chaos_and_a_pure_seed_effect_is_not():
+    """Orderings that differ at a seed by more than replicates do (an ordering x seed interaction of SD 3 points
+    against chaos of 1) are found beyond chaos most of the time; a large seed effect alone (SD 5 points, shared by the
+    orderings) is removed and does not count."""
+    rng = np.random.default_rng(900)
+    beyond, seed_only = [], []
+    labels = np.repeat(np.arange(2), 3)
+    for _ in range(400):
+        seeds = rng.normal(0, 5 * P, 3)
+        replicates = np.r_[0.5 + rng.normal(0, 1 * P, 3), 0.5 + rng.normal(0, 1 * P, 3)]
+        variance, df = st.replicate_variance(replicates, labels)
+        interacting = 0.5 + seeds + rng.normal(0, 3 * P, (5, 3))
+        chaotic = 0.5 + seeds + rng.normal(0, 1 * P, (5, 3))
+        beyond.append(st.chaos_test(interacting, variance, df)["p_value"] < 0.05)
+        seed_only.append(st.chaos_test(chaotic, variance, df)["p_value"] < 0.05)
+    assert np.mean(beyond) > 0.6 and np.mean(seed_only) <= 0.06

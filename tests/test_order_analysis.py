@@ -318,8 +318,12 @@ def test_chaos_sd_by_hand():
     from scipy import stats
 
     assert out["ci_high"] == pytest.approx(math.sqrt(0.0016 / stats.chi2.ppf(0.025, 3)))
-    means = np.array([0.55, 0.55, 0.60])
-    assert out["statistic"] == pytest.approx(2 * means.var(ddof=1) / (0.0016 / 3))
+    # between orderings at one seed: seed means 0.4833 and 0.65; squares pooled over the 2 seeds on 2 x (3 - 1) df
+    grid = np.array([[0.50, 0.60], [0.40, 0.70], [0.55, 0.65]])
+    between = ((grid - grid.mean(axis=0)) ** 2).sum() / 4
+    assert out["between_sd"] == pytest.approx(math.sqrt(between))
+    assert out["statistic"] == pytest.approx(between / (0.0016 / 3))
+    assert out["p_value"] == pytest.approx(stats.f.sf(between / (0.0016 / 3), 4, 3))
     assert out["chaotic"] == (out["p_value"] >= 0.05)
 
 
@@ -377,3 +381,17 @@ def test_a_small_design_passes_among_discoveries_and_not_alone():
     assert could_pass(crowded, min_p, "holm", 0.05)[0]  # 1/576 < 0.05 / 21
     assert not could_pass(crowded, np.full(40, 1 / 36), "holm", 0.05)[0]  # 3 orderings x 3 seeds: 1/36 > 0.05 / 21
     assert not could_pass(np.r_[np.nan, alone[1:]], min_p, "fdr_bh", 0.05)[0]  # no test, nothing to pass
+
+
+def test_a_method_the_perturbation_does_not_move_gets_its_orderings_tested_where_the_seed_reaches_it():
+    """Every seed gives the same accuracies: with a seed that reaches every input (the last-bit perturbation) the
+    orderings' consistent differences are an order effect at the design's smallest p; without, no control."""
+    grid = np.repeat(np.array([[0.40], [0.43], [0.47], [0.50]]), 3, axis=1)  # 4 orderings x 3 identical seeds
+    unreached = st.within_kind_spread(grid, resamples=9999, seed_reaches=False)
+    assert unreached["note"] == "seed has no effect: no control" and math.isnan(unreached["p_value"])
+    reached = st.within_kind_spread(grid, resamples=9999, seed_reaches=True)
+    assert reached["note"] == "" and reached["min_p"] == pytest.approx(1 / 576)
+    assert reached["p_value"] == pytest.approx(1 / 576, rel=0.3)  # Monte Carlo: all columns permuted alike
+    assert reached["estimate"] == pytest.approx(unreached["estimate"]) == pytest.approx(grid[:, 0].std(ddof=1))
+    alike = st.within_kind_spread(np.full((4, 3), 0.45), seed_reaches=True)
+    assert alike["p_value"] == 1.0 and alike["estimate"] == 0.0  # nothing differs: no effect, exactly

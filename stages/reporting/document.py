@@ -15,10 +15,10 @@ FIGURES = {  # file -> what the figure shows (its alt text and caption)
                           "pass the adjusted test; the grey band is the equivalence margin.",
     "accuracy_per_block.png": "Accuracy per block along the stream, a panel per stream and kind: line = mean over "
                               "the kind's orderings and seeds, band = min-max.",
-    "chaos_against_order.png": "Per stream and order-dependent method: the SD between orderings within each kind "
-                               "(coloured, 95% interval) next to the SD between replicates of one run under a "
-                               "last-bit perturbation alone (black diamond): where they match, the method is "
-                               "chaotic.",
+    "chaos_against_order.png": "Per stream and order-dependent method: the SD between each kind's orderings at one "
+                               "view seed (coloured) next to the SD between replicates of one run under a "
+                               "last-bit perturbation alone (black diamond, 95% interval): where they match, the "
+                               "method is chaotic.",
     "buffer_dynamics.png": "Memory over the stream, a row per method that keeps one: its size (DynaPrompt: "
                            "prompts in the buffer; TDA, TCA, DPE: cache entries; BoostAdapter: historical and "
                            "negative cache entries; DMN: memory slots; ECALP: graph nodes) with cumulative appends "

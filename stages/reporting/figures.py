@@ -334,8 +334,8 @@ def kind_contrasts(rows: list[dict], margin: float, alpha: float, target: Path, 
 
 
 def chaos_against_order(spreads: list[dict], chaos: list[dict], target: Path, dpi: int) -> None:
-    """Per stream (a panel each) and order-dependent method: the within-kind SD of every kind (coloured, 95%
-    interval) next to the pure-chaos SD of last-bit replicates (black diamond, 95% interval)."""
+    """Per stream (a panel each) and order-dependent method: the SD between each kind's orderings at one view seed
+    (coloured) next to the pure-chaos SD of last-bit replicates (black diamond, 95% interval)."""
     streams = list(dict.fromkeys(r["stream"] for r in spreads)) or [""]
     labels = list(dict.fromkeys(r["label"] for r in spreads))
     colors = kind_colors(labels)
@@ -361,8 +361,8 @@ def chaos_against_order(spreads: list[dict], chaos: list[dict], target: Path, dp
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=MIN_FONT)
         ax.grid(axis="y", alpha=0.3)
         apply_font(ax)
-    legend_and_title(figure, axes, "Orderings against chaos: the SD between orderings within each kind, and "
-                                   "between replicates of one run")
+    legend_and_title(figure, axes, "Orderings against chaos: the SD between a kind's orderings at one view seed, "
+                                   "and between replicates of one run")
     save(figure, target, dpi)
 
 

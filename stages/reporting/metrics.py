@@ -38,8 +38,9 @@ DEFINITIONS = {
                     "samples, paired across cells)",
     "collapse": "an order-dependent run collapses when its last block falls more than collapse_margin below "
                 "zero-shot on the same samples, or below its own first block (both measured against zero-shot on "
-                "the block's samples; not on class-blocked or cyclic orderings, whose first and last blocks hold "
-                "different classes or domains, where a gain differs by itself); "
+                "the block's samples; the second rule on i.i.d. shuffles only: on class-blocked, Dirichlet, cyclic, "
+                "hardest- and easiest-first orderings the first and last blocks hold other classes, domains or "
+                "difficulties, where a gain differs by itself); "
                 "order-independent methods carry no state and cannot collapse",
     "wins_losses": "samples a run gets right and zero-shot wrong (wins), and the reverse, averaged over the runs",
     "cyclic_memory": "on cyclic streams, of the entries (prompts, cached features) appended during a domain's "
@@ -165,10 +166,10 @@ def block_zero_shot(results: Results, dataset: str, records: pd.DataFrame, block
 def collapse_check(results: Results, row, margin: float) -> dict:
     """First and last block against zero-shot on the same samples; collapsed when either falls past `margin`.
 
-    Order-independent methods carry no state, so their block-to-block changes are the classes' own; on a
-    class-blocked ordering the first and last blocks hold different classes, and on a cyclic one different
-    domains (where the gain over zero-shot differs by itself), so only zero-shot on the same samples is a fair
-    reference there.
+    Order-independent methods carry no state, so their block-to-block changes are the classes' own. Only an i.i.d.
+    shuffle's first and last blocks are alike: on a class-blocked or Dirichlet ordering they hold different classes,
+    on a cyclic one different domains, on a hardest- or easiest-first one samples of another difficulty (where the
+    gain over zero-shot differs by itself), so there only zero-shot on the same samples is a fair reference.
     """
     records = results.records_of(row.dataset, row.method, row.cell)
     blocks = list(row.block_accuracy)
@@ -176,8 +177,7 @@ def collapse_check(results: Results, row, margin: float) -> dict:
     gain_first, gain_last = blocks[0] - zs[0], blocks[-1] - zs[-1]
     stateful = not row.order_independent
     below_zero_shot = stateful and bool(gain_last < -margin)
-    below_first = (stateful and row.ordering_kind not in ("class_blocked", "cyclic")
-                   and bool(gain_last < gain_first - margin))
+    below_first = stateful and row.ordering_kind == "shuffle" and bool(gain_last < gain_first - margin)
     return {"first_block": blocks[0], "last_block": blocks[-1], "zero_shot_first_block": zs[0],
             "zero_shot_last_block": zs[-1], "below_zero_shot": below_zero_shot, "below_first_block": below_first,
             "collapsed": below_zero_shot or below_first}

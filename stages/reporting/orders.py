@@ -105,7 +105,7 @@ def analyse_pair(rows: pd.DataFrame, settings: Settings, label: str) -> pd.DataF
     its within-kind spread, no contrast."""
     config = settings.report
     options = st.AnalysisOptions(confidence=config.confidence, resamples=config.permutations, seed=config.seed,
-                                 power=config.power)
+                                 power=config.power, seed_reaches=settings.run.last_bit)
     frame = analysis_input(rows)
     try:
         if config.reference_kind in set(frame["kind"]):
