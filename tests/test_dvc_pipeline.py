@@ -35,7 +35,8 @@ def toy_params(project) -> dict:
         "calibration": {"dataset": None},
         "ablations": {"dataset": None},
         "sweep": {**params["sweep"], "datasets": ["toy-a", "toy-b", "toy-mix"],
-                  "methods": ["zero_shot", "tpt", "dynaprompt", "tda"], "runner": "thread", "workers": 2},
+                  "methods": ["zero_shot", "tpt", "dynaprompt", "tda"], "runner": "thread", "workers": 2,
+                  "chaos": {"orderings": ["shuffle"], "replicates": 2}},
         "mlflow": {**params["mlflow"], "experiment": "toy"},
     })
     return params
