@@ -55,7 +55,7 @@ def run_case(steps: int, samples: int) -> dict:
     from dynaprompt.config import load_settings
     from dynaprompt.datasets.fashion_mnist import CLASSNAMES, load_split, to_rgb
     from dynaprompt.methods import build_method
-    from dynaprompt.model import ModelSpec, load_clip
+    from dynaprompt.model import ModelSpec, load_clip, located
     from dynaprompt.objectives import TuningConfig
     from dynaprompt.pretrain import pretrain
     from dynaprompt.runner import run_stream
@@ -63,9 +63,10 @@ def run_case(steps: int, samples: int) -> dict:
 
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
-    config = replace(load_settings(ROOT / "params.yaml").pretrain, steps=steps, threads=threads)
+    settings = load_settings(ROOT / "params.yaml")
+    config = replace(settings.pretrain, steps=steps, threads=threads)
     clip = load_clip(ModelSpec(arch="tiny-clip", pretrained=None, init_seed=0, device="cpu"))
-    images, labels = load_split(config.source, "train")
+    images, labels = load_split(located(config.source, settings.base_dir), "train")  # relative: params' folder
     start = time.perf_counter()
     curve = pretrain(clip, to_rgb(images, clip.image_size), labels, CLASSNAMES, config, log=lambda *_: None)
     seconds = time.perf_counter() - start

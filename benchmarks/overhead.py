@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from dynaprompt.schema import with_on_keys
+
 BEFORE = ("import sys; from flows.sweep import sweep; "
           "sweep(sys.argv[1], 0, 'process', None)")  # the flow alone: Prefect's temporary server in every process
 
@@ -40,7 +42,7 @@ BEFORE = ("import sys; from flows.sweep import sweep; "
 def benchmark_params(params_file: Path, folder: Path, args, runner: str, runs_per_task: int) -> Path:
     """`params_file` reading its own data, caches and model (absolute paths), sweeping only the benchmark's runs
     into `folder`."""
-    base, params = params_file.resolve().parent, yaml.safe_load(params_file.read_text())
+    base, params = params_file.resolve().parent, with_on_keys(yaml.safe_load(params_file.read_text()))
     paths = params.setdefault("paths", {})
     for name in ("prepared", "features", "models", "cache"):
         paths[name] = str(base / paths.get(name, f"data/{name}"))

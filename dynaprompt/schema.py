@@ -116,3 +116,16 @@ def field_names(cls) -> list[str]:
 
 def required_fields(cls) -> list[str]:
     return [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def with_on_keys(params: dict) -> dict:
+    """`orderings.<name>.on` back as a string key where PyYAML (YAML 1.1) read a bare `on` as the boolean true.
+
+    Settings take either (`config.parse_orderings`), but a params dict written back with yaml.safe_dump would say
+    `true:`, which DVC's YAML 1.2 reader keeps a boolean key and cannot sort into dvc.lock among string keys. Written
+    after this, it says `'on':`, the same key to both readers. For whoever writes params (bin/rehearse, benchmarks).
+    """
+    for entry in (params.get("orderings") or {}).values():
+        if isinstance(entry, dict) and True in entry:
+            entry["on"] = entry.pop(True)
+    return params

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from dynaprompt.schema import with_on_keys
+
 ROOT = Path(__file__).resolve().parent.parent
 CODE = ("dynaprompt", "stages", "flows", "tasks", "analysis", "dvc.yaml", "configs")
 EUROSAT = {  # CoOp's folders and class names (datasets/eurosat.py NEW_CNAMES)
@@ -101,7 +103,7 @@ def write_openai_checkpoint(path: Path, arch: str = "ViT-B-16", seed: int = 0) -
 
 def rehearsal_params(workdir: Path, weights: Path, roots: dict) -> dict:
     """configs/paper.yaml with the rehearsal's overrides, and nothing else changed."""
-    params = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    params = with_on_keys(yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text()))  # `on` a string key
     params["model"] = {**params["model"], "pretrained": str(weights), "device": "cpu"}
     params["views"] = {**params["views"], "n_views": 8}
     params["run"] = {**params["run"], "threads": 1}

@@ -25,7 +25,9 @@ from .conftest import ROOT, random_view_features
 TUNING = TuningConfig(lr=0.05)
 KINDS = {"tpt": None, "online_tpt": None, "dynaprompt": DynaPromptConfig(buffer_size=3),
          "dynaprompt_official": DynaPromptConfig(buffer_size=3, selection="official"),
-         "tda": None, "dmn": None, "onzeta": None, "boostadapter": None, "zero_shot": None, "zero": None}
+         "tda": None, "dmn": None, "onzeta": None, "boostadapter": None, "zero_shot": None, "zero": None,
+         **{kind: None for kind in ("ctpt", "rtpt", "mta", "tps", "histpt", "dmn_w", "dpe", "ecalp", "tca", "oga",
+                                    "bca", "dota")}}  # TTL and RLCF (images, a teacher): tests/test_ttl.py, test_rlcf.py
 
 
 class Killed(Exception):

@@ -424,3 +424,21 @@ def test_a_run_follows_the_difficulty_order_and_records_its_family(image_root, t
     table = layout.write_runs_table(layout.summaries())
     assert table.loc[0, "ordering_family"] == "hardest_first"
     assert table.loc[0, "label_correlation"] == pytest.approx(summary.label_correlation)
+
+
+def test_a_params_file_read_and_written_back_keeps_on_a_string_key_for_dvc(tmp_path):
+    """PyYAML reads a bare `on:` as true; written back as `true:`, DVC's lock would hold a boolean key and its
+    sort fails ('<' between bool and str: the rehearsal's sweep stage in CI). with_on_keys keeps it `on`."""
+    from ruamel.yaml import YAML
+
+    from dynaprompt.schema import with_on_keys
+
+    source = "orderings:\n  class_blocked: {kind: class_blocked, seeds: 2, on: datasets}\n"
+    params = with_on_keys(yaml.safe_load(source))
+    assert params["orderings"]["class_blocked"]["on"] == "datasets"
+    written = yaml.safe_dump(params, sort_keys=False)
+    read_by_dvc = YAML(typ="safe").load(written)
+    assert all(isinstance(key, str) for key in read_by_dvc["orderings"]["class_blocked"])
+    assert yaml.safe_load(written) == params
+    assert settings_from_params(params).orderings["class_blocked-1"] == settings_from_params(
+        yaml.safe_load(source)).orderings["class_blocked-1"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dynaprompt.config import load_settings
+from dynaprompt.config import load_params, load_settings
 from dynaprompt.datasets import ADAPTERS, EXPECTED
 from dynaprompt.model import WeightsNotFoundError, load_clip
 from dynaprompt.plan import expand_plan
@@ -96,7 +96,7 @@ EXPERIMENTS = PAPER.parent / "experiments.yaml"
 
 
 def apply_overrides(params: dict, overrides: dict) -> dict:
-    """What `dvc exp run -S key=value` does to params.yaml, for dotted keys."""
+    """What `dvc exp run -S key=value` does to params.yaml, for dotted keys (and mapping values)."""
     import copy
 
     out = copy.deepcopy(params)
@@ -105,8 +105,15 @@ def apply_overrides(params: dict, overrides: dict) -> dict:
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        node[leaf] = merged(node.get(leaf), value)
     return out
+
+
+def merged(old, new):
+    """A mapping value merges into the mapping it sets, as Hydra's override does; anything else replaces."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{key: merged(old.get(key), value) for key, value in new.items()}}
+    return new
 
 
 def dvc_command(name: str, recipe: dict) -> str:
@@ -125,7 +132,8 @@ def test_named_experiments_apply_to_the_paper_config_and_plan(name, tmp_path):
     from dynaprompt.config import settings_from_params
 
     recipe = yaml.safe_load(EXPERIMENTS.read_text())[name]
-    params = apply_overrides(yaml.safe_load(PAPER.read_text()), recipe["set"])
+    assert "base" not in recipe
+    params = apply_overrides(load_params(PAPER), recipe["set"])
     settings = settings_from_params(params)
     assert settings.model.arch == "ViT-B-16"
     planned = expand_plan(settings)
@@ -137,3 +145,47 @@ def test_named_experiments_apply_to_the_paper_config_and_plan(name, tmp_path):
                 "dynaprompt~tau_h0.1-tau_d0.1"} <= ablation
     readme = (PAPER.parent.parent / "README.md").read_text()
     assert dvc_command(name, recipe) in readme
+
+
+def dvc_set(params_file: Path, overrides: list[str]) -> dict:
+    """DVC's own `-S` applied to a copy of a params file (Hydra's grammar: a family named dirichlet0.1 is reached
+    through a mapping value, since a dotted path would split its name)."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    copy = params_file.parent / "copy.yaml"
+    copy.write_text(params_file.read_text())
+    dvc_apply(copy, overrides)
+    return load_params(copy)
+
+
+@pytest.mark.parametrize("name", ["full-field", "full-grid"])
+def test_named_experiments_of_the_bundled_default_apply_through_dvc_and_widen_its_plan(name, tmp_path):
+    import shlex
+
+    import yaml
+
+    from dynaprompt.config import settings_from_params
+    from dynaprompt.methods import METHODS
+
+    recipe = yaml.safe_load(EXPERIMENTS.read_text())[name]
+    assert recipe["base"] == "params.yaml"
+    readme = (PAPER.parent.parent / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith(f"dvc exp run --temp -n {name} "))
+    words = shlex.split(command)
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+    default_file = tmp_path / "params.yaml"
+    default_file.write_text((PAPER.parent.parent / "params.yaml").read_text())
+    default = settings_from_params(load_params(default_file))
+    widened = dvc_set(default_file, overrides)
+    assert widened == apply_overrides(load_params(default_file), recipe["set"])  # the README's command is the recipe
+    settings = settings_from_params(widened)
+    before = {key for key, group in expand_plan(default) if group == "main"}
+    after = {key for key, group in expand_plan(settings) if group == "main"}
+    assert before < after  # the default's grid within (full-field reuses its runs; full-grid its g3 runs)
+    if name == "full-field":
+        kinds = {settings.methods[m].kind for m in settings.sweep.methods}
+        assert len(settings.sweep.methods) == 24 and {"ttl", "rlcf"} <= kinds and kinds <= set(METHODS)
+    else:
+        families = {spec.family for spec in settings.orderings.values()}
+        assert all(sum(spec.family == f for spec in settings.orderings.values()) == 5 for f in families)
+        assert "fmnist-pixelate-5" in settings.sweep.datasets
