@@ -54,6 +54,29 @@ def random_view_features(n_samples: int, n_views: int = 16, dim: int = 128, seed
     return out
 
 
+def three_sample_stream(method):
+    """`method` over three fake samples of the tiny CLIP's width (labels 0, 1, 2), through run_stream: the records."""
+    from dynaprompt.runner import run_stream
+
+    samples = dict(zip("abc", random_view_features(3, n_views=10, dim=128, seed=0)))
+    return run_stream(method, list(samples), {"a": 0, "b": 1, "c": 2}, samples.__getitem__)
+
+
+def follow_memory(method, samples, stored=lambda snapshot: snapshot) -> list:
+    """Each outcome's appended / deleted ids against the memory the method holds (`stored(snapshot)`: class ->
+    [(id, ...)]) and its buffer_size; the outcomes, for what a test asks beyond that."""
+    held: set[int] = set()
+    outcomes = []
+    for sample in samples:
+        o = method(sample)
+        assert set(o.deleted) <= held and not set(o.appended) & held
+        held = (held - set(o.deleted)) | set(o.appended)
+        assert {i for entries in stored(method.snapshot()).values() for i, *_ in entries} == held
+        assert o.buffer_size == len(held)
+        outcomes.append(o)
+    return outcomes
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory):
     """3 classes x 4 images of 40x40 px with a class-dependent pattern."""

@@ -14,9 +14,8 @@ import torch
 from dynaprompt.methods import METHODS
 from dynaprompt.methods.bca import BCA
 from dynaprompt.objectives import TuningConfig
-from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import random_view_features, three_sample_stream
 from .test_peers import BLURRY, StubText, basis_text, dot, entropy_of, run_order, softmax, towards, views
 
 TUNING = TuningConfig()
@@ -202,8 +201,7 @@ def test_records_count_the_contributions():
 
 
 def test_bca_runs_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = BCA(text, TUNING, BCA.Config(), ["a photo of a {}.", "a {}."])
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all() and records["buffer_size"].iloc[-1] >= 1
     assert METHODS["bca"] is BCA and BCA.uses_templates and not BCA.order_independent

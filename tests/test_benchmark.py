@@ -76,7 +76,8 @@ def test_cache_arithmetic_over_a_planned_sweep(image_root):
 
 
 def test_the_peers_benchmark_times_every_training_free_peer_and_fills_its_memory(tmp_path, capsys):
-    from benchmarks.peers import KINDS, main as peers_main
+    from benchmarks.peers import KINDS
+    from benchmarks.peers import main as peers_main
 
     rows = peers_main(["--classes", "6", "--samples", "24", "--views", "4", "--dim", "8",
                        "--out", str(tmp_path / "peers.json")])

@@ -27,7 +27,7 @@ KINDS = {"tpt": None, "online_tpt": None, "dynaprompt": DynaPromptConfig(buffer_
          "dynaprompt_official": DynaPromptConfig(buffer_size=3, selection="official"),
          "tda": None, "dmn": None, "onzeta": None, "boostadapter": None, "zero_shot": None, "zero": None,
          **{kind: None for kind in ("ctpt", "rtpt", "mta", "tps", "histpt", "dmn_w", "dpe", "ecalp", "tca", "oga",
-                                    "bca", "dota")}}  # TTL and RLCF (images, a teacher): tests/test_ttl.py, test_rlcf.py
+                                    "bca", "dota")}}  # TTL, RLCF (images, a teacher): tests/test_ttl.py, test_rlcf.py
 
 
 class Killed(Exception):

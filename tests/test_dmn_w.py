@@ -14,9 +14,8 @@ import torch
 from dynaprompt.methods import METHODS, build_method
 from dynaprompt.methods.dmn_w import DMNW, Config
 from dynaprompt.objectives import TuningConfig
-from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import follow_memory, random_view_features, three_sample_stream
 from .test_peers import BLURRY, basis_text, dot, entropy_of, random_text, run_order, softmax, towards, views
 
 TUNING = TuningConfig()
@@ -121,13 +120,7 @@ def test_state_dict_resumes_a_stream_bit_for_bit():
 def test_records_follow_the_memory():
     samples = random_view_features(12, n_views=2, dim=8, seed=7)
     method = DMNW(random_text(), TUNING, Config(memory_length=2))
-    held: set[int] = set()
-    for sample in samples:
-        o = method(sample)
-        assert len(o.appended) == 1 and set(o.deleted) <= held and not set(o.appended) & held
-        held = (held - set(o.deleted)) | set(o.appended)
-        assert {i for entries in method.snapshot().values() for i, _ in entries} == held
-        assert o.buffer_size == len(held)
+    assert all(len(o.appended) == 1 for o in follow_memory(method, samples))
 
 
 def test_config_checks():
@@ -138,10 +131,9 @@ def test_config_checks():
 
 
 def test_runs_a_stream_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = build_method("dmn_w", text, TUNING)
     assert METHODS["dmn_w"].uses_templates and not METHODS["dmn_w"].order_independent
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all()
     assert records["buffer_size"].tolist() == [1, 2, 3]
     with_templates = build_method("dmn_w", text, TUNING, templates=["a photo of a {}.", "a {}."])

@@ -15,9 +15,8 @@ import torch
 from dynaprompt.methods import build_method
 from dynaprompt.methods.dota import DOTA
 from dynaprompt.objectives import TuningConfig
-from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import random_view_features, three_sample_stream
 from .test_peers import basis_text, entropy_of, logits_of, random_text, run_order, softmax, towards, views
 
 TUNING = TuningConfig()
@@ -178,8 +177,7 @@ def test_dota_state_dict_resumes_a_stream_bit_for_bit():
 
 
 def test_dota_runs_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = DOTA(text, TUNING, DOTA.Config(), ["a photo of a {}.", "a {}."])
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert records["buffer_size"].tolist() == [1, 2, 3] and records["deleted"].map(len).sum() == 0
     assert records["pred"].between(0, 2).all() and DOTA.uses_templates and not DOTA.order_independent

@@ -17,7 +17,7 @@ from dynaprompt.methods.ecalp import ECALP
 from dynaprompt.objectives import TuningConfig
 from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import random_view_features, three_sample_stream
 from .test_peers import basis_text, dot, entropy_of, random_text, softmax, views
 
 TUNING = TuningConfig()
@@ -204,8 +204,7 @@ def test_ecalp_records_follow_the_graph():
 
 
 def test_ecalp_runs_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = ECALP(text, TUNING, ECALP.Config(), ["a photo of a {}.", "a {}."])
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all() and records["buffer_size"].iloc[-1] == 3
     assert ECALP.uses_templates and not ECALP.order_independent

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from dynaprompt.methods import build_method
 from dynaprompt.methods.histpt import HisTPT, fused_pseudo_label
 from dynaprompt.objectives import TuningConfig
-from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import random_view_features, three_sample_stream
 from .test_peers import dot, entropy_of, run_order, softmax, towards, views
 
 SCALE = 5.0
@@ -243,9 +242,8 @@ def test_histpt_state_dict_resumes_a_stream_bit_for_bit(text, amp):
 
 
 def test_histpt_runs_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = HisTPT(text, TuningConfig(lr=0.05), HisTPT.Config())
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert records["buffer_size"].tolist() == [64, 64, 64] and records["pred"].between(0, 2).all()
     assert records["appended"].tolist() == [list(range(64)), [64, 65], [66, 67]]
     assert records["deleted"].tolist() == [[], [31, 63], [30, 62]]

@@ -15,9 +15,8 @@ import torch
 from dynaprompt.methods import METHODS
 from dynaprompt.methods.oga import OGA
 from dynaprompt.objectives import TuningConfig
-from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import follow_memory, random_view_features, three_sample_stream
 from .test_peers import BLURRY, StubText, basis_text, entropy_of, logits_of, run_order, softmax, towards, views
 
 TUNING = TuningConfig()
@@ -238,22 +237,12 @@ def test_state_dict_resumes_a_stream_bit_for_bit():
 
 
 def test_records_follow_the_memory():
-    method = soft_oga(shot_capacity=2)
-    held: set[int] = set()
-    replaced = 0
-    for sample in random_view_features(15, n_views=2, dim=8, seed=7):
-        o = method(sample)
-        assert set(o.deleted) <= held and not set(o.appended) & held
-        held = (held - set(o.deleted)) | set(o.appended)
-        stored = {i for entries in method.snapshot().values() for i, _ in entries}
-        assert stored == held and o.buffer_size == len(held)
-        replaced += len(o.deleted)
-    assert replaced > 0
+    outcomes = follow_memory(soft_oga(shot_capacity=2), random_view_features(15, n_views=2, dim=8, seed=7))
+    assert sum(len(o.deleted) for o in outcomes) > 0
 
 
 def test_oga_runs_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = OGA(text, TUNING, OGA.Config(), ["a photo of a {}.", "a {}."])
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all() and records["buffer_size"].iloc[-1] >= 1
     assert METHODS["oga"] is OGA and OGA.uses_templates and not OGA.order_independent

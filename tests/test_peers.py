@@ -17,9 +17,8 @@ from dynaprompt.methods.dmn import DMN
 from dynaprompt.methods.onzeta import OnZeta
 from dynaprompt.methods.tda import TDA
 from dynaprompt.objectives import TuningConfig
-from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import random_view_features, three_sample_stream
 
 TUNING = TuningConfig()
 PEERS = ["tda", "dmn", "onzeta", "boostadapter"]
@@ -409,10 +408,9 @@ def test_orderings_change_the_memory_and_repeats_do_not(kind):
 
 @pytest.mark.parametrize("kind", PEERS)
 def test_peer_runs_a_stream_on_the_tiny_clip(kind, text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = build_method(kind, text, TUNING, templates=["a photo of a {}.", "a {}."])
     assert METHODS[kind].uses_templates and not METHODS[kind].order_independent
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all()
     if kind == "onzeta":
         assert method.stream_length == 3

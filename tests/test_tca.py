@@ -14,7 +14,7 @@ from dynaprompt.methods.tca import TCA
 from dynaprompt.objectives import TuningConfig
 from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import follow_memory, random_view_features, three_sample_stream
 from .test_peers import basis_text, dot, entropy_of, h, logits_of, random_text, softmax, towards, views
 
 TUNING = TuningConfig()
@@ -178,21 +178,12 @@ def test_tca_state_dict_resumes_a_stream_bit_for_bit():
 
 def test_tca_records_follow_the_reservoir():
     method = TCA(random_text(), TUNING, TCA.Config(reservoir_size=2))
-    held: set[int] = set()
-    popped = 0
-    for sample in random_view_features(15, n_views=2, dim=8, seed=7):
-        o = method(sample)
-        assert set(o.deleted) <= held and not set(o.appended) & held
-        held = (held - set(o.deleted)) | set(o.appended)
-        stored = {i for entries in method.snapshot().values() for i, _ in entries}
-        assert stored == held and o.buffer_size == len(held)
-        popped += len(o.deleted)
-    assert popped > 0
+    outcomes = follow_memory(method, random_view_features(15, n_views=2, dim=8, seed=7))
+    assert sum(len(o.deleted) for o in outcomes) > 0
 
 
 def test_tca_runs_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = TCA(text, TUNING, TCA.Config(), ["a photo of a {}.", "a {}."])
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all() and records["buffer_size"].iloc[-1] == 3
     assert TCA.uses_templates and not TCA.order_independent

@@ -18,7 +18,7 @@ from dynaprompt.methods.tps import TPS, Config
 from dynaprompt.objectives import TuningConfig
 from dynaprompt.runner import run_stream
 
-from .conftest import random_view_features
+from .conftest import random_view_features, three_sample_stream
 from .test_peers import BLURRY, basis_text, dot, entropy_of, random_text, softmax, towards, views
 
 SCALE = 10.0
@@ -143,10 +143,9 @@ def test_state_dict_resumes_a_stream_bit_for_bit(amp_on_cpu):
 
 
 def test_runs_a_stream_on_the_tiny_clip(text):
-    samples = random_view_features(3, n_views=10, dim=128, seed=0)
     method = build_method("tps", text, TuningConfig(lr=5e-3), templates=["a photo of a {}.", "a {}."])
     assert METHODS["tps"].uses_templates
-    records = run_stream(method, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, dict(zip("abc", samples)).__getitem__)
+    records = three_sample_stream(method)
     assert len(records) == 3 and records["pred"].between(0, 2).all()
     assert (records["entropy_after"] != records["entropy_before"]).all()  # the shifts moved every prediction
     assert (records["buffer_size"] == 0).all()
